@@ -1,0 +1,110 @@
+"""The ISIC 2024 metric: partial ROC AUC above a minimum true-positive rate (80% by default).
+
+The competition flips the problem: with labels `1 - y` and scores `-p`, the region TPR >= 0.8 of the
+original ROC becomes FPR <= 0.2 of the flipped one. The partial area there lies in [0, max_fpr]:
+a perfect ranking scores 0.2 and a constant (or random) one 0.02 (the triangle under the diagonal).
+
+`pauc` is the one pure function; the adapters below only reshape it for each library's callback API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+from sklearn.metrics import roc_auc_score, roc_curve
+
+PAUC_MAX = 0.2
+PAUC_CONSTANT = 0.02
+
+
+class MetricError(ValueError):
+    """Inputs on which pAUC is undefined (one class only, mismatched lengths, NaN scores)."""
+
+
+def _check(y_true: ArrayLike, y_score: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_score, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise MetricError(f"y_true has {y.size} values but y_score has {p.size}")
+    if y.size == 0:
+        raise MetricError("pAUC of an empty set is undefined")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise MetricError("y_true must hold only 0 and 1")
+    n_pos = int(y.sum())
+    if n_pos == 0 or n_pos == y.size:
+        only = "positives" if n_pos else "negatives"
+        raise MetricError(f"pAUC needs both classes; got {y.size} {only} only")
+    if not np.isfinite(p).all():
+        raise MetricError(f"y_score holds {int((~np.isfinite(p)).sum())} non-finite value(s)")
+    return y, p
+
+
+def pauc(y_true: ArrayLike, y_score: ArrayLike, min_tpr: float = 0.8) -> float:
+    """Partial AUC above `min_tpr`, exactly as scored in ISIC 2024 (range [0, 1 - min_tpr]).
+
+    The official formulation: flip labels and negate scores, take the ROC curve, cut it at
+    FPR = 1 - min_tpr with one linearly interpolated point, integrate with the trapezoid rule.
+    """
+    y, p = _check(y_true, y_score)
+    max_fpr = 1.0 - min_tpr
+    fpr, tpr, _ = roc_curve(1.0 - y, -p)
+    stop = np.searchsorted(fpr, max_fpr, side="right")
+    x_interp = [fpr[stop - 1], fpr[stop]] if stop < len(fpr) else [fpr[-1], fpr[-1]]
+    y_interp = [tpr[stop - 1], tpr[stop]] if stop < len(fpr) else [tpr[-1], tpr[-1]]
+    tpr = np.append(tpr[:stop], np.interp(max_fpr, x_interp, y_interp))
+    fpr = np.append(fpr[:stop], max_fpr)
+    return float(np.trapezoid(tpr, fpr))
+
+
+def pauc_mcclish(y_true: ArrayLike, y_score: ArrayLike, min_tpr: float = 0.8) -> float:
+    """The second official formulation: scikit-learn's McClish-standardised partial AUC, un-standardised.
+
+    Kept beside `pauc` because the two must agree; the tests check that they do.
+    """
+    y, p = _check(y_true, y_score)
+    max_fpr = 1.0 - min_tpr
+    s = roc_auc_score(1.0 - y, -p, max_fpr=max_fpr)
+    low = 0.5 * max_fpr**2  # area of the diagonal's part, the chance level
+    return float(low + (max_fpr - low) / 0.5 * (s - 0.5))
+
+
+def roc_auc(y_true: ArrayLike, y_score: ArrayLike) -> float:
+    """Plain ROC AUC with the same input checks as `pauc`."""
+    y, p = _check(y_true, y_score)
+    return float(roc_auc_score(y, p))
+
+
+# ---- adapters: the same number, in each library's callback shape ---------------------------------------
+
+
+def lgb_pauc(preds: np.ndarray, data: Any) -> tuple[str, float, bool]:
+    """LightGBM `feval` for `lgb.train(..., feval=lgb_pauc)`: (name, value, higher_is_better)."""
+    return "pauc", pauc(data.get_label(), preds), True
+
+
+def xgb_pauc(preds: np.ndarray, dtrain: Any) -> tuple[str, float]:
+    """XGBoost `custom_metric` for `xgb.train` (higher is better: pass `maximize=True`)."""
+    return "pauc", pauc(dtrain.get_label(), preds)
+
+
+class CatBoostPAUC:
+    """CatBoost `eval_metric` object: `CatBoostClassifier(eval_metric=CatBoostPAUC())`."""
+
+    def is_max_optimal(self) -> bool:
+        return True
+
+    def get_final_error(self, error: float, weight: float) -> float:
+        return error
+
+    def evaluate(self, approxes: Any, target: Any, weight: Any) -> tuple[float, float]:
+        # approxes holds raw logits; pAUC depends only on the ranking, so no sigmoid is needed
+        return pauc(np.asarray(target), np.asarray(approxes[0])), 1.0
+
+
+def optuna_objective_value(fold_scores: list[float]) -> float:
+    """What an Optuna study maximises: the mean fold pAUC."""
+    if not fold_scores:
+        raise MetricError("no fold scores to average")
+    return float(np.mean(fold_scores))

@@ -1,0 +1,180 @@
+"""Every output path of the pipeline, built in one place.
+
+Stages talk only through files under one artifacts root, so a stage can be rerun alone and a crashed run
+resumes where it stopped. Every fold folder holds the same file names (`FoldFiles`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+# Names inside the competition's data folder.
+TRAIN_METADATA = "train-metadata.csv"
+TEST_METADATA = "test-metadata.csv"
+TRAIN_IMAGES = "train-image.hdf5"
+TEST_IMAGES = "test-image.hdf5"
+SAMPLE_SUBMISSION = "sample_submission.csv"
+MASKS_DIR = "masks"
+DEMO_TRUTH = "demo-truth.csv"  # written only by `demo-data`: the true per-lesion probability
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """The files of one data folder in the competition's layout."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    @property
+    def train_metadata(self) -> Path:
+        return self.root / TRAIN_METADATA
+
+    @property
+    def test_metadata(self) -> Path:
+        return self.root / TEST_METADATA
+
+    @property
+    def train_images(self) -> Path:
+        return self.root / TRAIN_IMAGES
+
+    @property
+    def test_images(self) -> Path:
+        return self.root / TEST_IMAGES
+
+    @property
+    def sample_submission(self) -> Path:
+        return self.root / SAMPLE_SUBMISSION
+
+    @property
+    def masks(self) -> Path:
+        return self.root / MASKS_DIR
+
+    @property
+    def demo_truth(self) -> Path:
+        return self.root / DEMO_TRUTH
+
+
+@dataclass(frozen=True)
+class FoldFiles:
+    """The same file names in every fold folder (CNN and stacker alike)."""
+
+    dir: Path
+
+    @property
+    def weights(self) -> Path:
+        """Best weights (by fold pAUC)."""
+        return self.dir / "model.pt"
+
+    @property
+    def checkpoint(self) -> Path:
+        """Last-epoch checkpoint (model, optimiser, scheduler, epoch) for resuming a killed run."""
+        return self.dir / "checkpoint.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.dir / "metrics.json"
+
+    @property
+    def config(self) -> Path:
+        """The resolved config that made this fold."""
+        return self.dir / "config.yaml"
+
+    @property
+    def done(self) -> Path:
+        """Written last, atomically: its presence means the fold finished."""
+        return self.dir / "DONE"
+
+
+@dataclass(frozen=True)
+class ArtifactPaths:
+    """Every artifact of one run, under one root (default `artifacts/`)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+    # folds
+    @property
+    def folds(self) -> Path:
+        return self.root / "folds.csv"
+
+    # segmenter
+    @property
+    def segmenter(self) -> FoldFiles:
+        return FoldFiles(self.root / "segmenter")
+
+    # CNN
+    @property
+    def cnn_dir(self) -> Path:
+        return self.root / "cnn"
+
+    def cnn_fold(self, fold: int) -> FoldFiles:
+        return FoldFiles(self.cnn_dir / f"fold_{fold}")
+
+    @property
+    def oof_cnn(self) -> Path:
+        return self.root / "oof_cnn.parquet"
+
+    @property
+    def test_cnn(self) -> Path:
+        return self.root / "test_cnn.parquet"
+
+    # tabular features
+    @property
+    def features_train(self) -> Path:
+        return self.root / "features" / "train.parquet"
+
+    @property
+    def features_test(self) -> Path:
+        return self.root / "features" / "test.parquet"
+
+    # tuning
+    @property
+    def tune_dir(self) -> Path:
+        return self.root / "tune"
+
+    @property
+    def study_db(self) -> Path:
+        return self.tune_dir / "study.db"
+
+    @property
+    def best_params(self) -> Path:
+        return self.tune_dir / "best_params.json"
+
+    # stacker
+    @property
+    def stack_dir(self) -> Path:
+        return self.root / "stack"
+
+    def stack_fold(self, fold: int) -> FoldFiles:
+        return FoldFiles(self.stack_dir / f"fold_{fold}")
+
+    @property
+    def oof_stack(self) -> Path:
+        return self.root / "oof_stack.parquet"
+
+    @property
+    def cv_json(self) -> Path:
+        return self.root / "cv.json"
+
+    # prediction and report
+    @property
+    def submission(self) -> Path:
+        return self.root / "submission.csv"
+
+    @property
+    def report_dir(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def report_html(self) -> Path:
+        return self.report_dir / "index.html"
+
+    @property
+    def run_config(self) -> Path:
+        """The resolved config of `lesionstack run`."""
+        return self.root / "config.yaml"
