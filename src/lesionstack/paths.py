@@ -102,6 +102,11 @@ class ArtifactPaths:
     def folds(self) -> Path:
         return self.root / "folds.csv"
 
+    @property
+    def source(self) -> Path:
+        """JSON naming the data folder these artifacts were made from ({"data_dir": ...})."""
+        return self.root / "source.json"
+
     # segmenter
     @property
     def segmenter(self) -> FoldFiles:
@@ -152,6 +157,15 @@ class ArtifactPaths:
 
     def stack_fold(self, fold: int) -> FoldFiles:
         return FoldFiles(self.stack_dir / f"fold_{fold}")
+
+    @property
+    def feature_importance(self) -> Path:
+        """Long table: model, fold, feature, importance (gain, normalised to sum 1 per model and fold)."""
+        return self.stack_dir / "feature_importance.csv"
+
+    @property
+    def test_stack(self) -> Path:
+        return self.root / "test_stack.parquet"
 
     @property
     def oof_stack(self) -> Path:
