@@ -1,0 +1,138 @@
+"""Patient-grouped, stratified K-fold splits, written once and read everywhere.
+
+No patient may appear in two folds (lesions of one person are correlated, and the hidden test set holds
+other people), and the rare positives must be spread evenly, or a fold's pAUC means little. The default
+method assigns patients greedily, most positives first, each to the fold with the fewest positives so
+far (ties: fewest lesions; a patient without positives goes where lesions are fewest), after a seeded
+shuffle; this balances positives by construction. The method the
+ISIC 2024 winners used, scikit-learn's StratifiedGroupKFold(shuffle=True), is available as
+`method="sklearn"`; its balance is checked, not assumed (before scikit-learn 1.8 its shuffle disabled
+the stratification).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from lesionstack.data.metadata import read_metadata
+from lesionstack.data.schema import ID_COLUMN, PATIENT_COLUMN, TARGET_COLUMN
+from lesionstack.files import atomic_path
+from lesionstack.paths import DataPaths
+
+FOLD_COLUMNS = [ID_COLUMN, PATIENT_COLUMN, TARGET_COLUMN, "fold"]
+Method = Literal["greedy", "sklearn"]
+
+
+class FoldError(ValueError):
+    """A fold assignment that breaks one of the split's guarantees, or a fold file that cannot be used."""
+
+
+def assign_folds(metadata: pd.DataFrame, n_folds: int = 5, seed: int = 42,
+                 method: Method = "greedy") -> pd.DataFrame:
+    """Return `isic_id, patient_id, target, fold` for every row of `metadata` (same order)."""
+    if metadata[PATIENT_COLUMN].nunique() < n_folds:
+        raise FoldError(f"{n_folds} folds need at least {n_folds} patients; "
+                        f"got {metadata[PATIENT_COLUMN].nunique()}")
+    frame = metadata[[ID_COLUMN, PATIENT_COLUMN, TARGET_COLUMN]].reset_index(drop=True).copy()
+    frame[TARGET_COLUMN] = frame[TARGET_COLUMN].astype(np.int8)
+    if method == "greedy":
+        fold_of_patient = _greedy_patient_folds(frame, n_folds, seed)
+        frame["fold"] = frame[PATIENT_COLUMN].map(fold_of_patient).astype(np.int8)
+    elif method == "sklearn":
+        splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
+        fold = np.empty(len(frame), dtype=np.int8)
+        for k, (_, val) in enumerate(splitter.split(frame, frame[TARGET_COLUMN], frame[PATIENT_COLUMN])):
+            fold[val] = k
+        frame["fold"] = fold
+    else:
+        raise FoldError(f"unknown fold method {method!r}; use 'greedy' or 'sklearn'")
+    check_folds(frame, n_folds)
+    return frame
+
+
+def _greedy_patient_folds(frame: pd.DataFrame, n_folds: int, seed: int) -> dict[str, int]:
+    per_patient = frame.groupby(PATIENT_COLUMN, sort=True)[TARGET_COLUMN].agg(["sum", "size"])
+    rng = np.random.default_rng(seed)
+    per_patient = per_patient.iloc[rng.permutation(len(per_patient))]  # seeded tie-breaking
+    per_patient = per_patient.sort_values(["sum", "size"], ascending=False, kind="stable")
+    positives = np.zeros(n_folds, dtype=np.int64)
+    lesions = np.zeros(n_folds, dtype=np.int64)
+    fold_of: dict[str, int] = {}
+    for patient, n_pos, n_rows in zip(per_patient.index, per_patient["sum"], per_patient["size"]):
+        # a patient with positives goes where positives are fewest (then lesions); one without, where
+        # lesions are fewest, so negatives fill up the folds evenly after the positives are spread
+        k = int(np.lexsort((lesions, positives))[0]) if n_pos else int(np.argmin(lesions))
+        fold_of[patient] = k
+        positives[k] += n_pos
+        lesions[k] += n_rows
+    return fold_of
+
+
+def check_folds(folds: pd.DataFrame, n_folds: int | None = None) -> None:
+    """Raise FoldError unless: every row in exactly one fold, no patient in two folds, all K folds used,
+    and positives per fold within max(1, 10%) of each other."""
+    missing = [c for c in FOLD_COLUMNS if c not in folds.columns]
+    if missing:
+        raise FoldError(f"fold table lacks column(s) {missing}")
+    if folds[ID_COLUMN].duplicated().any():
+        dup = folds.loc[folds[ID_COLUMN].duplicated(), ID_COLUMN].iloc[0]
+        raise FoldError(f"isic_id '{dup}' is in more than one fold row")
+    if folds["fold"].isna().any():
+        raise FoldError(f"isic_id '{folds.loc[folds['fold'].isna(), ID_COLUMN].iloc[0]}' has no fold")
+    k = n_folds or int(folds["fold"].max()) + 1
+    used = sorted(int(f) for f in folds["fold"].unique())
+    if used != list(range(k)):
+        raise FoldError(f"expected folds 0..{k - 1}, found {used}")
+    folds_per_patient = folds.groupby(PATIENT_COLUMN)["fold"].nunique()
+    if (folds_per_patient > 1).any():
+        raise FoldError(f"patient '{folds_per_patient[folds_per_patient > 1].index[0]}' is in more than one fold")
+    pos = folds.groupby("fold")[TARGET_COLUMN].sum().reindex(range(k), fill_value=0)
+    allowed = max(1, int(np.floor(0.10 * pos.max())))
+    if pos.max() - pos.min() > allowed:
+        raise FoldError(f"positives per fold are unbalanced: {pos.tolist()} (allowed spread {allowed}); "
+                        "try another seed, or the default greedy method")
+
+
+def read_folds(path: str | os.PathLike[str]) -> pd.DataFrame:
+    """Read and check a fold file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FoldError(f"{path}: fold file not found (make it with `lesionstack folds DATA_DIR --out {path}`)")
+    folds = pd.read_csv(path, dtype={ID_COLUMN: str, PATIENT_COLUMN: str})
+    try:
+        check_folds(folds)
+    except FoldError as err:
+        raise FoldError(f"{path}: {err}") from err
+    folds["fold"] = folds["fold"].astype(np.int8)
+    folds[TARGET_COLUMN] = folds[TARGET_COLUMN].astype(np.int8)
+    return folds[FOLD_COLUMNS]
+
+
+def make_folds_file(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], n_folds: int = 5,
+                    seed: int = 42, method: Method = "greedy", force: bool = False) -> pd.DataFrame:
+    """Write the fold file for a data folder, once.
+
+    An existing file with the same content is kept as it is; one with different content is an error
+    unless `force`, because every trained model downstream depends on it.
+    """
+    out = Path(out)
+    metadata = read_metadata(DataPaths(data_dir).train_metadata, kind="train")
+    folds = assign_folds(metadata, n_folds=n_folds, seed=seed, method=method)
+    text = folds.to_csv(index=False, lineterminator="\n")
+    if out.exists():
+        if out.read_text() == text:
+            return folds
+        if not force:
+            raise FoldError(
+                f"{out} exists with different folds (other data, seed or K). Models trained on it would be "
+                "mixed with new ones; pass --force to replace it on purpose, or choose another --out."
+            )
+    with atomic_path(out) as tmp:
+        tmp.write_text(text)
+    return folds

@@ -1,0 +1,165 @@
+"""The data layer against the real competition files and against each kind of bad input."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import simplejpeg
+
+from lesionstack.data.hdf5 import CorruptImageError, H5Images, decode_jpeg
+from lesionstack.data.metadata import MetadataError, check_images_cover, read_metadata
+from lesionstack.data.schema import NUMERIC_TEST_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS
+
+# ---- the real files, as they are -------------------------------------------------------------------
+
+
+def test_reads_real_public_test_set(public_test_dir):
+    meta = read_metadata(public_test_dir / "test-metadata.csv", kind="test")
+    assert list(meta.columns) == list(TEST_COLUMNS)
+    assert meta["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
+    assert all(meta[c].dtype == np.float64 for c in NUMERIC_TEST_COLUMNS)
+    images = H5Images(public_test_dir / "test-image.hdf5")
+    assert sorted(images.ids) == sorted(meta["isic_id"])
+    check_images_cover(meta, set(images.ids), "test-metadata.csv", images.path)
+    sizes = [images.read(i).shape for i in meta["isic_id"]]
+    assert sizes == [(141, 141, 3), (125, 125, 3), (119, 119, 3)]
+    assert images.read("ISIC_0015657").dtype == np.uint8
+
+
+def test_reads_real_first_1000_rows(shared_data):
+    meta = read_metadata(
+        shared_data / "isic2024-real-metadata" / "train-metadata-first1000-no-target.csv", kind="test"
+    )
+    assert meta.shape == (1000, 43)  # image_type is absent in this copy: optional
+    assert meta["patient_id"].nunique() == 514
+    assert meta["age_approx"].isna().sum() > 0 and meta["sex"].isna().sum() > 0  # real missing values
+
+
+def test_reads_real_training_rows_with_all_55_columns(shared_data):
+    meta = read_metadata(shared_data / "isic2024-real-crops" / "train-metadata-5-rows.csv", kind="train")
+    assert list(meta.columns) == list(TRAIN_COLUMNS)
+    assert meta["target"].tolist() == [1, 0, 1, 1, 0]
+    assert meta["iddx_1"].tolist()[:2] == ["Malignant", "Benign"]
+
+
+def test_real_crops_decode(shared_data):
+    for jpg in sorted((shared_data / "isic2024-real-crops").glob("*.jpg")):
+        img = decode_jpeg(jpg.read_bytes(), jpg.stem)
+        assert img.ndim == 3 and img.shape[0] == img.shape[1] and 60 <= img.shape[0] <= 240
+
+
+def test_reduced_scale_decode_keeps_min_side(public_test_dir):
+    images = H5Images(public_test_dir / "test-image.hdf5")
+    small = images.read("ISIC_0015657", min_side=64)
+    assert min(small.shape[:2]) >= 64 and small.shape[0] < 141
+
+
+def test_reader_is_picklable_and_opens_lazily(public_test_dir):
+    images = H5Images(public_test_dir / "test-image.hdf5")
+    images.read("ISIC_0015657")  # open a handle in this process
+    clone = pickle.loads(pickle.dumps(images))  # as a DataLoader worker receives it
+    assert clone._h5 is None
+    assert np.array_equal(clone.read("ISIC_0015740"), images.read("ISIC_0015740"))
+
+
+# ---- bad inputs: each error names the file, the column or key, and the row ---------------------------
+
+
+@pytest.fixture
+def test_csv(tmp_path, public_test_dir) -> Path:
+    dst = tmp_path / "test-metadata.csv"
+    shutil.copy(public_test_dir / "test-metadata.csv", dst)
+    return dst
+
+
+def _edit(path: Path, fn) -> Path:
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    fn(df)
+    df.to_csv(path, index=False)
+    return path
+
+
+def test_missing_required_column(test_csv):
+    _edit(test_csv, lambda df: df.drop(columns=["tbp_lv_areaMM2"], inplace=True))
+    with pytest.raises(MetadataError, match=r"test-metadata.csv: missing required column\(s\) \['tbp_lv_areaMM2'\]"):
+        read_metadata(test_csv, kind="test")
+
+
+def test_test_file_read_as_training_data_says_so(test_csv):
+    with pytest.raises(MetadataError, match=r"\['target'\] \(is this a test file"):
+        read_metadata(test_csv, kind="train")
+
+
+def test_non_numeric_value_names_column_line_and_id(test_csv):
+    _edit(test_csv, lambda df: df.__setitem__("tbp_lv_areaMM2", ["3.1", "n/a", "2.0"]))
+    with pytest.raises(MetadataError, match=r"column 'tbp_lv_areaMM2' line 3 \(isic_id ISIC_0015729\): "
+                                            r"value 'n/a' is not a number"):
+        read_metadata(test_csv, kind="test")
+
+
+def test_duplicate_isic_id(test_csv):
+    _edit(test_csv, lambda df: df.__setitem__("isic_id", ["ISIC_1", "ISIC_2", "ISIC_1"]))
+    with pytest.raises(MetadataError, match=r"duplicate value 'ISIC_1' at lines \[2, 4\]"):
+        read_metadata(test_csv, kind="test")
+
+
+def test_empty_patient_id(test_csv):
+    _edit(test_csv, lambda df: df.__setitem__("patient_id", ["IP_1", "", "IP_2"]))
+    with pytest.raises(MetadataError, match=r"column 'patient_id' is empty at line 3"):
+        read_metadata(test_csv, kind="test")
+
+
+def test_bad_target(tmp_path, shared_data):
+    path = _edit(Path(shutil.copy(shared_data / "isic2024-real-crops" / "train-metadata-5-rows.csv",
+                                  tmp_path / "train-metadata.csv")),
+                 lambda df: df.__setitem__("target", ["1", "0", "2", "1", "0"]))
+    with pytest.raises(MetadataError, match=r"column 'target' line 4 .* is not 0 or 1"):
+        read_metadata(path, kind="train")
+
+
+def test_extra_columns_are_tolerated(test_csv):
+    _edit(test_csv, lambda df: df.__setitem__("my_notes", ["a", "b", "c"]))
+    assert "my_notes" in read_metadata(test_csv, kind="test").columns
+
+
+def test_metadata_id_without_image(test_csv, public_test_dir):
+    _edit(test_csv, lambda df: df.__setitem__("isic_id", ["ISIC_0015657", "ISIC_9999999", "ISIC_0015740"]))
+    meta = read_metadata(test_csv, kind="test")
+    images = H5Images(public_test_dir / "test-image.hdf5")
+    with pytest.raises(MetadataError, match=r"isic_id 'ISIC_9999999' at line 3 has no image in .*test-image.hdf5"):
+        check_images_cover(meta, set(images.ids), test_csv, images.path)
+
+
+def test_missing_metadata_file(tmp_path):
+    with pytest.raises(MetadataError, match="not found"):
+        read_metadata(tmp_path / "nope.csv")
+
+
+def test_corrupt_jpeg_names_isic_id(tmp_path):
+    path = tmp_path / "images.hdf5"
+    good = simplejpeg.encode_jpeg(np.full((64, 64, 3), 128, np.uint8))
+    with h5py.File(path, "w") as h5:
+        h5["ISIC_0000001"] = np.bytes_(good)
+        h5["ISIC_0000002"] = np.bytes_(good[: len(good) // 3])  # truncated
+        h5["ISIC_0000003"] = np.bytes_(b"not a jpeg at all")
+    images = H5Images(path)
+    assert images.read("ISIC_0000001").shape == (64, 64, 3)
+    for bad in ("ISIC_0000002", "ISIC_0000003"):
+        with pytest.raises(CorruptImageError, match=bad) as info:
+            images.read(bad)
+        assert info.value.isic_id == bad and "images.hdf5" in str(info.value)
+    with pytest.raises(KeyError, match="ISIC_0000004"):
+        images.read("ISIC_0000004")
+
+
+def test_not_an_hdf5_file(tmp_path):
+    path = tmp_path / "train-image.hdf5"
+    path.write_bytes(b"garbage")
+    with pytest.raises(OSError, match="train-image.hdf5: not a readable HDF5 file"):
+        _ = H5Images(path).ids
