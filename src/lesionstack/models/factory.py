@@ -1,0 +1,88 @@
+"""One factory from a config to a network, and the optimiser's parameter groups."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from lesionstack.models.classifier import build_classifier
+from lesionstack.models.gated import GATES, GatedClassifier
+from lesionstack.models.segmenter import build_segmenter
+
+
+@dataclass
+class ModelConfig:
+    """The network of the CNN stage. Weights come only from local files; the default is random init.
+
+    classifier: any timm model name (resnet50, efficientnet_b0, densenet121, mobilenetv3_small_100,
+        edgenext_xx_small...).
+    segmenter_encoder: any timm backbone that supports `features_only=True`.
+    gate: "train" (segmenter trains at lr * segmenter_lr_scale), "freeze" (segmenter fixed), "none"
+        (plain classifier, no segmenter). See `lesionstack.models.gated` for the exact gating.
+    classifier_weights: a local timm weights file (.pth/.bin/.safetensors) for the classifier; loaded with
+        `pretrained_cfg_overlay=dict(file=...)`; its classifier head is dropped (num_classes=1).
+    segmenter_weights: a lesionstack segmenter checkpoint (`model.pt` from train-seg, with its config.yaml
+        beside it) or a local timm weights file for the segmenter's encoder.
+    """
+
+    classifier: str = "resnet18"
+    segmenter_encoder: str = "resnet18"
+    gate: str = "train"
+    segmenter_lr_scale: float = 0.1
+    classifier_weights: str | None = None
+    segmenter_weights: str | None = None
+    drop_rate: float = 0.0
+    drop_path_rate: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.gate not in GATES:
+            raise ValueError(f"model.gate must be one of {GATES}, got {self.gate!r}")
+        if self.segmenter_lr_scale < 0:
+            raise ValueError(f"model.segmenter_lr_scale must be >= 0, got {self.segmenter_lr_scale}")
+
+
+def build_model(cfg: ModelConfig) -> GatedClassifier:
+    """(B, 3, H, W) ImageNet-normalised float -> (B,) logits; `model.forward_with_mask(x)` also gives the mask."""
+    if cfg.gate == "none":
+        segmenter = None
+        in_chans = 3
+    else:
+        segmenter = build_segmenter(cfg.segmenter_encoder, cfg.segmenter_weights)
+        in_chans = 4
+    classifier = build_classifier(
+        cfg.classifier,
+        in_chans=in_chans,
+        weights=cfg.classifier_weights,
+        drop_rate=cfg.drop_rate,
+        drop_path_rate=cfg.drop_path_rate,
+    )
+    return GatedClassifier(classifier, segmenter, cfg.gate, cfg.segmenter_lr_scale)
+
+
+def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: segmenter parameters at lr * segmenter_lr_scale (none when frozen), the rest at lr.
+
+    Biases and normalisation weights (1-D tensors) get no weight decay. Each group carries a "name" key.
+    Works on the bare model or on one wrapped by DistributedDataParallel (`module.` prefix).
+    """
+    bare = model.module if hasattr(model, "module") else model
+    scale = float(getattr(bare, "segmenter_lr_scale", 1.0))
+    buckets: dict[tuple[str, bool], list[nn.Parameter]] = {}
+    for name, p in bare.named_parameters():
+        if not p.requires_grad:
+            continue
+        part = "segmenter" if name.startswith("segmenter.") else "classifier"
+        buckets.setdefault((part, p.ndim > 1), []).append(p)
+    groups = []
+    for (part, decay), params in sorted(buckets.items()):
+        groups.append(
+            {
+                "name": part if decay else f"{part}_no_decay",
+                "params": params,
+                "lr": lr * (scale if part == "segmenter" else 1.0),
+                "weight_decay": weight_decay if decay else 0.0,
+            }
+        )
+    return groups
