@@ -163,3 +163,21 @@ def test_not_an_hdf5_file(tmp_path):
     path.write_bytes(b"garbage")
     with pytest.raises(OSError, match="train-image.hdf5: not a readable HDF5 file"):
         _ = H5Images(path).ids
+
+
+def test_fast_path_returns_exactly_what_h5py_returns(tmp_path, public_test_dir):
+    """The pread fast path and h5py's own read agree, for the real file and for layouts it must skip."""
+    real = H5Images(public_test_dir / "test-image.hdf5")
+    with h5py.File(real.path, "r") as h5:
+        for key in h5:
+            assert real.read_bytes(key) == bytes(h5[key][()])
+    path = tmp_path / "mixed.hdf5"
+    jpeg = simplejpeg.encode_jpeg(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    with h5py.File(path, "w") as h5:
+        h5["contiguous"] = np.bytes_(jpeg)
+        h5.create_dataset("chunked", data=np.frombuffer(jpeg, np.uint8), chunks=True, compression="gzip")
+        h5.create_dataset("padded", data=np.array(jpeg + b"\0\0\0", dtype=f"S{len(jpeg) + 3}"))
+    images = H5Images(path)
+    for key in ("contiguous", "chunked", "padded"):
+        assert images.read_bytes(key) == jpeg, key
+        assert images.read_bytes(key) == jpeg, key  # second read: from the cached location
