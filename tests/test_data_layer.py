@@ -181,3 +181,17 @@ def test_fast_path_returns_exactly_what_h5py_returns(tmp_path, public_test_dir):
     for key in ("contiguous", "chunked", "padded"):
         assert images.read_bytes(key) == jpeg, key
         assert images.read_bytes(key) == jpeg, key  # second read: from the cached location
+
+
+def test_pillow_fallback_decodes_the_same_image(monkeypatch, public_test_dir):
+    """Where simplejpeg is not installed (a bare Kaggle image), Pillow decodes; corrupt data still names the id."""
+    import lesionstack.data.hdf5 as hdf5
+
+    images = H5Images(public_test_dir / "test-image.hdf5")
+    fast = images.read("ISIC_0015657")
+    monkeypatch.setattr(hdf5, "simplejpeg", None)
+    slow = images.read("ISIC_0015657")
+    assert slow.shape == fast.shape and np.abs(slow.astype(int) - fast).mean() < 2.0
+    assert min(images.read("ISIC_0015657", min_side=64).shape[:2]) >= 64
+    with pytest.raises(CorruptImageError, match="ISIC_X"):
+        hdf5.decode_jpeg(b"junk", "ISIC_X")

@@ -58,6 +58,111 @@ def folds_cmd(
         typer.echo(f"  fold {fold}: {row['size']} lesions, {row['sum']} positives")
 
 
+@app.command("train-cnn")
+def train_cnn_cmd(
+    data_dir: DataDir,
+    folds: Annotated[Path, typer.Option("--folds", help="Fold file from `lesionstack folds`.")] = Path(
+        "artifacts/folds.csv"
+    ),
+    config: Annotated[Optional[Path], typer.Option(help="CNN config YAML (configs/cnn/).")] = None,  # noqa: UP045
+    out: Annotated[Path, typer.Option("--out", help="Artifacts root (cnn/fold_k, oof_cnn, test_cnn).")] = Path(
+        "artifacts"
+    ),
+    folds_only: Annotated[str, typer.Option(help="Train only these folds, e.g. '0,1'.")] = "",
+    segmenter: Annotated[
+        Optional[Path], typer.Option(help="Segmenter weights (train-seg's model.pt); overrides the config.")  # noqa: UP045
+    ] = None,
+) -> None:
+    """Train the gated CNN per fold (resumable; DDP under torchrun); write OOF and test scores."""
+    import logging
+
+    from lesionstack.train_cnn import load_cnn_config, train_cnn
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_cnn_config(config, segmenter=segmenter)
+    only = [int(k) for k in folds_only.split(",") if k.strip()] or None
+    summary = train_cnn(data_dir, folds, cfg, out, folds_only=only)
+    for fold, m in summary["folds"].items():
+        typer.echo(f"fold {fold}: best pAUC {m['best_pauc']:.4f} (AUC {m['best_auc']:.4f}) at epoch "
+                   f"{m['best_epoch']}, {m['n_train']} train / {m['n_val']} val")
+    if "oof_pauc" in summary:
+        typer.echo(f"OOF pAUC {summary['oof_pauc']:.4f}, AUC {summary['oof_auc']:.4f} -> {out}")
+
+
+@app.command("report")
+def report_cmd(
+    artifacts_dir: Annotated[Path, typer.Argument(help="Artifacts root of a run (holds cv.json, oof_stack).")],
+    data_dir: Annotated[
+        Optional[Path], typer.Option(help="Data folder for the crops and demo-truth.csv (default: source.json).")  # noqa: UP045
+    ] = None,
+    out: Annotated[
+        Optional[Path], typer.Option("--out", help="Report folder (default: ARTIFACTS_DIR/report).")  # noqa: UP045
+    ] = None,
+    config: Annotated[Optional[Path], typer.Option(help="Report config YAML (configs/report/).")] = None,  # noqa: UP045
+) -> None:
+    """Write the evaluation report: an offline HTML page with PNG figures beside it."""
+    from lesionstack.report import write_report
+
+    page = write_report(artifacts_dir, data_dir=data_dir, out_dir=out, config=config)
+    typer.echo(f"report: {page}")
+
+
+@app.command("run")
+def run_cmd(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option("--out", help="Artifacts root for everything the run writes.")] = Path(
+        "artifacts"
+    ),
+    config: Annotated[Optional[Path], typer.Option(help="Run config YAML (configs/run/).")] = None,  # noqa: UP045
+) -> None:
+    """The whole pipeline: folds, segmenter, CNN per fold, features, optional tuning, stacker, submission, report.
+
+    Resumable: a second run after a kill redoes only what was unfinished."""
+    import logging
+
+    from lesionstack.pipeline import format_summary, load_run_config, run
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(data_dir, out, load_run_config(config), echo=typer.echo)
+    typer.echo(format_summary(summary))
+
+
+@app.command("predict")
+def predict_cmd(
+    data_dir: Annotated[Path, typer.Argument(help="Folder with test-metadata.csv and test-image.hdf5.")],
+    artifacts: Annotated[Path, typer.Option("--artifacts", help="Artifacts root of a trained run.")] = Path(
+        "artifacts"
+    ),
+    out: Annotated[Path, typer.Option("--out", help="Submission file to write.")] = Path("submission.csv"),
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Score the test files with trained artifacts; write a validated submission.csv (atomically)."""
+    from lesionstack.submit import predict
+
+    scores = predict(data_dir, artifacts, out, device=device)
+    typer.echo(f"wrote {out}: {len(scores)} rows")
+
+
+@app.command("package")
+def package_cmd(
+    artifacts_dir: Annotated[Path, typer.Argument(help="Artifacts root of a trained run.")],
+    out: Annotated[Path, typer.Option("--out", help="Folder to build (for `kaggle datasets create -p`).")] = Path(
+        "kaggle-dataset"
+    ),
+    dataset_id: Annotated[str, typer.Option(help="Kaggle dataset id, USER/SLUG.")] = (
+        "your-kaggle-username/lesionstack-model"
+    ),
+    python_version: Annotated[
+        Optional[str], typer.Option(help="Kaggle's Python, e.g. 3.11, for the extra wheels (default: this one).")  # noqa: UP045
+    ] = None,
+) -> None:
+    """Build the Kaggle dataset: lesionstack's wheel, extra wheels, trained models, dataset-metadata.json."""
+    from lesionstack.submit import package
+
+    path = package(artifacts_dir, out, dataset_id=dataset_id, python_version=python_version)
+    typer.echo(f"built {path}; upload with: kaggle datasets create -p {path}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:  # noqa: UP045 - typer needs Optional on 3.10
     """Console entry point."""
     from lesionstack._compat import set_offline_env

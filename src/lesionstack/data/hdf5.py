@@ -18,9 +18,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import io
+
 import h5py
 import numpy as np
-import simplejpeg
+
+try:
+    import simplejpeg
+except ImportError:  # e.g. a Kaggle image without the wheel: Pillow decodes, more slowly
+    simplejpeg = None
 
 
 class CorruptImageError(ValueError):
@@ -40,11 +46,24 @@ def decode_jpeg(data: bytes, isic_id: str, min_side: int | None = None,
     `min_side` pixels, which skips most of the work when the model's input is much smaller than the crop.
     """
     try:
+        if simplejpeg is None:
+            return _decode_with_pillow(data, min_side)
         if min_side:
             return simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=min_side, min_width=min_side)
         return simplejpeg.decode_jpeg(data, colorspace="RGB")
-    except (ValueError, RuntimeError) as err:
+    except (ValueError, RuntimeError, OSError) as err:
         raise CorruptImageError(isic_id, f"not a decodable JPEG ({err})", path) from err
+
+
+def _decode_with_pillow(data: bytes, min_side: int | None) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if img.format != "JPEG":
+            raise ValueError(f"{img.format} data, not JPEG")
+        if min_side:
+            img.draft("RGB", (min_side, min_side))  # the same DCT scaling as simplejpeg's min_height
+        return np.asarray(img.convert("RGB"))
 
 
 class H5Images:

@@ -1,0 +1,197 @@
+"""Predict the test set from trained artifacts, write a validated `submission.csv`, and package the
+trained artifacts for the offline Kaggle kernel.
+
+`predict` needs only `test-image.hdf5` and `test-metadata.csv` (the 44 test columns): the CNN fold models
+score every crop, the same feature function as in training builds the table, the stacker's fold models
+score it. Nothing is written unless the submission passes `validate_submission`, and then atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionstack.data.hdf5 import H5Images
+from lesionstack.data.metadata import check_images_cover, read_metadata
+from lesionstack.data.schema import ID_COLUMN
+from lesionstack.files import atomic_path, read_json, write_json
+from lesionstack.paths import ArtifactPaths, DataPaths
+
+log = logging.getLogger(__name__)
+
+SUBMISSION_COLUMNS = [ID_COLUMN, "target"]
+
+
+class SubmissionError(ValueError):
+    """A submission that Kaggle would reject or score wrongly."""
+
+
+def validate_submission(sub: pd.DataFrame, test_ids: Sequence[str]) -> None:
+    """Header `isic_id,target`, exactly one row per test id and no other id, values finite in [0, 1]."""
+    if list(sub.columns) != SUBMISSION_COLUMNS:
+        raise SubmissionError(f"submission header is {list(sub.columns)}, expected {SUBMISSION_COLUMNS}")
+    ids = sub[ID_COLUMN].astype(str)
+    dup = ids[ids.duplicated()]
+    if len(dup):
+        raise SubmissionError(f"{len(dup)} isic_id(s) appear more than once, first '{dup.iloc[0]}'")
+    expected = set(map(str, test_ids))
+    missing = sorted(expected - set(ids))
+    extra = sorted(set(ids) - expected)
+    if missing or extra:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} test id(s) missing (e.g. {missing[:3]})")
+        if extra:
+            parts.append(f"{len(extra)} id(s) not in the test set (e.g. {extra[:3]})")
+        raise SubmissionError("submission ids do not match the test set: " + "; ".join(parts))
+    values = pd.to_numeric(sub["target"], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values) | (values < 0) | (values > 1)
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise SubmissionError(f"{int(bad.sum())} target value(s) not finite in [0, 1], "
+                              f"first {sub['target'].iloc[i]!r} for '{ids.iloc[i]}'")
+
+
+def write_submission(scores: pd.DataFrame, test_ids: Sequence[str], path: str | os.PathLike[str]) -> Path:
+    """Write `scores` (isic_id, score) as a submission in test-id order, after validating it."""
+    sub = pd.DataFrame({ID_COLUMN: list(map(str, test_ids))}).merge(
+        scores.rename(columns={"score": "target"})[[ID_COLUMN, "target"]], on=ID_COLUMN, how="left")
+    if len(sub) != len(test_ids):  # a duplicated score id multiplied rows in the merge
+        raise SubmissionError(f"scores hold duplicate ids: {len(sub)} rows for {len(test_ids)} test ids")
+    validate_submission(sub, test_ids)
+    with atomic_path(path) as tmp:
+        sub.to_csv(tmp, index=False, float_format="%.8g", lineterminator="\n")
+    return Path(path)
+
+
+# ---- prediction ---------------------------------------------------------------------------------------
+
+
+def cnn_folds(artifacts: ArtifactPaths) -> list[int]:
+    """The finished CNN folds of an artifacts root."""
+    return sorted(int(p.name.split("_")[1]) for p in artifacts.cnn_dir.glob("fold_*")
+                  if (p / "DONE").is_file())
+
+
+def predict_cnn(images: H5Images, ids: Sequence[str], artifacts: ArtifactPaths,
+                device: str = "auto") -> tuple[pd.DataFrame, float]:
+    """Mean sigmoid score of every finished CNN fold model on `ids`; returns (scores, images/s)."""
+    from lesionstack.data.dataset import CropDataset
+    from lesionstack.train_cnn import (
+        DistContext, Runtime, amp_dtype, load_cnn_config, predict_logits, resolve_device, scoring_model,
+        sigmoid)
+
+    folds = cnn_folds(artifacts)
+    if not folds:
+        raise FileNotFoundError(f"{artifacts.cnn_dir}: no finished CNN fold (run train-cnn first)")
+    total, start = np.zeros(len(ids)), time.perf_counter()
+    for k in folds:
+        files = artifacts.cnn_fold(k)
+        cfg = load_cnn_config(files.config, device=device)
+        dev = resolve_device(cfg.device)
+        rt = Runtime(cfg, dev, amp_dtype(cfg.amp, dev), DistContext())
+        model = scoring_model(cfg, files.weights, dev)
+        dataset = CropDataset(images, ids, None, cfg.image_size)
+        total += sigmoid(predict_logits(model, dataset, rt, desc=f"CNN fold {k}"))
+    per_second = len(ids) * len(folds) / (time.perf_counter() - start)
+    return pd.DataFrame({ID_COLUMN: list(ids), "score": total / len(folds)}), per_second
+
+
+def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[str],
+            out: str | os.PathLike[str], device: str = "auto") -> pd.DataFrame:
+    """Score test-metadata.csv + test-image.hdf5 with trained artifacts; write a validated submission."""
+    from lesionstack.features import build_features
+    from lesionstack.stack import predict_stack
+
+    data, art = DataPaths(data_dir), ArtifactPaths(artifacts_dir)
+    if not art.cv_json.is_file():
+        raise FileNotFoundError(f"{art.cv_json}: no trained stacker in {art.root} (run train-stack first)")
+    meta = read_metadata(data.test_metadata, kind="test")
+    ids = meta[ID_COLUMN].tolist()
+    cnn_scores = None
+    if read_json(art.cv_json).get("with_cnn"):
+        images = H5Images(data.test_images)
+        check_images_cover(meta, set(images.ids), data.test_metadata, images.path)
+        cnn_scores, rate = predict_cnn(images, ids, art, device=device)
+        log.info("CNN: %d crops x %d fold models, %.0f images/s", len(ids), len(cnn_folds(art)), rate)
+        print(f"CNN scored {len(ids)} test crops with {len(cnn_folds(art))} fold models: {rate:.0f} images/s")
+    features = build_features(meta, cnn_scores, where=str(data.test_metadata))
+    scores = predict_stack(features, art)
+    write_submission(scores, ids, out)
+    return scores
+
+
+# ---- packaging for Kaggle -----------------------------------------------------------------------------
+
+# What a packaged model needs at prediction time, relative to the artifacts root.
+PACKAGED_FILES = ("cv.json", "folds.csv", "config.yaml", "tune/best_params.json")
+PACKAGED_DIRS = ("cnn", "stack")
+# Wheels Kaggle's Python image lacks (the rest of lesionstack's needs ship with it).
+KAGGLE_EXTRA_WHEELS = ("simplejpeg==1.9.0",)
+
+
+def source_root() -> Path:
+    """The lesionstack source checkout (the wheel is built from it)."""
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "pyproject.toml").is_file():
+        raise FileNotFoundError(f"{root}: not a lesionstack source checkout; `package` builds the wheel from one")
+    return root
+
+
+def _copy_artifacts(art: ArtifactPaths, dest: Path) -> None:
+    for name in PACKAGED_FILES:
+        if (art.root / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(art.root / name, dest / name)
+    for name in PACKAGED_DIRS:
+        if (art.root / name).is_dir():
+            shutil.copytree(art.root / name, dest / name, ignore=shutil.ignore_patterns("checkpoint.pt"))
+
+
+def _build_wheels(wheels: Path, extra: Sequence[str], python_version: str | None) -> list[str]:
+    pip = [sys.executable, "-m", "pip"]
+    subprocess.run(pip + ["wheel", "--quiet", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                          str(source_root())], check=True)
+    notes = []
+    for spec in extra:  # best effort: the kernel falls back to Pillow when simplejpeg is absent
+        cmd = pip + ["download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(wheels), spec]
+        if python_version:
+            cmd += ["--python-version", python_version, "--platform", "manylinux2014_x86_64"]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            notes.append(f"could not fetch a wheel for {spec}; the kernel will run without it")
+    return notes
+
+
+def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
+            dataset_id: str = "your-kaggle-username/lesionstack-model",
+            extra_wheels: Sequence[str] = KAGGLE_EXTRA_WHEELS, python_version: str | None = None) -> Path:
+    """Build a folder that `kaggle datasets create -p OUT` accepts: wheels/, artifacts/, the kernel,
+    and dataset-metadata.json. Built beside OUT and renamed into place, so a failure leaves nothing."""
+    art, out = ArtifactPaths(artifacts_dir), Path(out)
+    if not art.cv_json.is_file() or not cnn_folds(art) and not (art.root / "stack").is_dir():
+        raise FileNotFoundError(f"{art.root}: no trained artifacts to package (run `lesionstack run` first)")
+    if out.exists():
+        raise FileExistsError(f"{out} exists; remove it or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        build = Path(tmp) / "dataset"
+        (build / "wheels").mkdir(parents=True)
+        notes = _build_wheels(build / "wheels", extra_wheels, python_version)
+        _copy_artifacts(art, build / "artifacts")
+        shutil.copy2(source_root() / "kaggle" / "kernel.py", build / "kernel.py")
+        write_json(build / "dataset-metadata.json", {
+            "title": dataset_id.split("/")[-1], "id": dataset_id, "licenses": [{"name": "CC0-1.0"}]})
+        os.replace(build, out)
+    for note in notes:
+        print(note)
+    return out
