@@ -1,0 +1,624 @@
+"""The built-in synthetic data set: the competition's layout, with a label both halves can learn.
+
+`write_demo_data(out_dir, DemoSpec(...))` writes `train-metadata.csv` (55 columns), `test-metadata.csv`
+(44 columns, different patients), `train-image.hdf5` / `test-image.hdf5` (one `numpy.bytes_` JPEG scalar
+per `isic_id`, square crops of 60 to 240 px showing 15 mm of skin), `sample_submission.csv`, a `masks/`
+folder in the ISIC 2018 Task 1 layout and `demo-truth.csv` (the true P(malignant) of every lesion).
+
+How the label is made (so the pipeline's halves each have something to learn):
+- every lesion has four latent deviations from its own patient's typical lesion (size, darkness, border
+  irregularity, colour variation). Each patient has its own baseline for all four, as wide as the spread
+  within a patient, so a raw value says less than the same value normalised within the patient: the
+  "ugly duckling" signal of the real data;
+- every lesion has an image cue, a blue-grey veil inside the lesion whose extent and opacity grow with a
+  latent that no metadata column carries;
+- logit P(malignant) = b0 + w_tab * ugly_duckling + w_age * age + w_img * cue, with b0 solved so that the
+  expected positive rate is `DemoSpec.positive_rate` (3% by default; the real 0.1% would leave a small
+  demo with a handful of positives). Labels are drawn from that probability.
+
+Everything is drawn from `numpy.random.default_rng` streams derived from `DemoSpec.seed`: the same seed
+writes byte-identical files, whatever the number of worker processes.
+"""
+
+from __future__ import annotations
+
+import io
+import multiprocessing
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from lesionstack.data import schema
+from lesionstack.paths import DataPaths
+
+CROP_MM = 15.0  # a TBP close-up tile shows 15 x 15 mm of skin
+_CHUNK = 256  # images per task sent to a worker process
+
+# Probabilities below follow the first 1,000 rows of the real train-metadata.csv.
+_SITES = ("posterior torso", "lower extremity", "anterior torso", "upper extremity", "head/neck")
+_SITE_P = (0.28, 0.26, 0.23, 0.18, 0.05)
+_SITE_MISSING = 0.01
+_ATTRIBUTIONS = schema.CATEGORY_VALUES["attribution"]
+_ATTRIBUTION_P = (0.32, 0.09, 0.24, 0.16, 0.14, 0.025, 0.025)
+_LICENSE_OF = {  # each institution publishes under one licence
+    _ATTRIBUTIONS[0]: "CC-BY", _ATTRIBUTIONS[1]: "CC-0", _ATTRIBUTIONS[2]: "CC-BY-NC",
+    _ATTRIBUTIONS[3]: "CC-BY-NC", _ATTRIBUTIONS[4]: "CC-BY", _ATTRIBUTIONS[5]: "CC-BY",
+    _ATTRIBUTIONS[6]: "CC-BY-NC",
+}
+# (iddx_full, weight) of the malignant diagnoses; basal cell carcinoma dominates the real positives.
+_MALIGNANT = (
+    ("Malignant::Malignant adnexal epithelial proliferations - Follicular::Basal cell carcinoma::"
+     "Basal cell carcinoma, Nodular", 0.25),
+    ("Malignant::Malignant adnexal epithelial proliferations - Follicular::Basal cell carcinoma::"
+     "Basal cell carcinoma, Superficial", 0.15),
+    ("Malignant::Malignant adnexal epithelial proliferations - Follicular::Basal cell carcinoma", 0.12),
+    ("Malignant::Malignant epidermal proliferations::Squamous cell carcinoma in situ", 0.14),
+    ("Malignant::Malignant epidermal proliferations::Squamous cell carcinoma, Invasive", 0.09),
+    ("Malignant::Malignant melanocytic proliferations (Melanoma)::Melanoma in situ", 0.13),
+    ("Malignant::Malignant melanocytic proliferations (Melanoma)::Melanoma Invasive", 0.08),
+    ("Malignant::Malignant melanocytic proliferations (Melanoma)::Melanoma, NOS", 0.04),
+)
+_BENIGN = (
+    ("Benign", 0.95),
+    ("Benign::Benign melanocytic proliferations::Nevus", 0.03),
+    ("Indeterminate::Indeterminate melanocytic proliferations::Atypical melanocytic neoplasm", 0.02),
+)
+_MITOTIC = ("<1/mm^2", "1/mm^2", "2/mm^2", "3/mm^2", ">4/mm^2")
+
+# Columns the renderer needs, taken from the metadata plus the hidden image cue.
+_RENDER_COLUMNS = ("size_px", "major_mm", "minor_mm", "angle", "norm_border", "color_std", "stdL",
+                   "L", "A", "B", "Lext", "Aext", "Bext", "veil", "write_mask")
+
+
+class DemoDataError(ValueError):
+    """A bad DemoSpec or an output folder the generator may not write into."""
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What `write_demo_data` generates. The same spec (seed included) gives byte-identical files."""
+
+    patients: int = 100  # training patients
+    lesions_per_patient: float = 30.0  # mean; counts per patient are skewed like the real data's
+    seed: int = 0
+    test_fraction: float = 0.1  # test patients = round(patients * test_fraction), at least 1
+    positive_rate: float = 0.03  # expected share of malignant lesions (real data: 0.1%)
+    mask_count: int = 300  # training crops copied to masks/ with their segmentation
+    tabular_weight: float = 2.0  # logit weight of the patient-relative "ugly duckling" score
+    image_weight: float = 1.8  # logit weight of the image-only cue
+    age_weight: float = 0.3  # logit weight of standardised age
+    jpeg_quality: int = 90
+
+    def __post_init__(self) -> None:
+        checks = {
+            "patients": self.patients >= 1,
+            "lesions_per_patient": self.lesions_per_patient >= 1,
+            "test_fraction": 0 <= self.test_fraction <= 10,
+            "positive_rate": 0 < self.positive_rate < 0.5,
+            "mask_count": self.mask_count >= 0,
+            "jpeg_quality": 1 <= self.jpeg_quality <= 100,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise DemoDataError(f"DemoSpec.{name}={getattr(self, name)!r} is out of range")
+
+    @property
+    def test_patients(self) -> int:
+        return max(1, round(self.patients * self.test_fraction))
+
+
+@dataclass
+class DemoTables:
+    """Everything `make_tables` draws; `truth` also holds the two latent halves of the label."""
+
+    train: pd.DataFrame  # schema.TRAIN_COLUMNS
+    test: pd.DataFrame  # schema.TEST_COLUMNS
+    truth: pd.DataFrame  # isic_id, split, target, probability, tabular_score, image_cue
+    render_train: pd.DataFrame  # _RENDER_COLUMNS, row-aligned with train
+    render_test: pd.DataFrame
+
+
+# ----------------------------------------------------------------------------------------- tables
+
+
+def make_tables(spec: DemoSpec) -> DemoTables:
+    """Draw the metadata, the labels and the rendering parameters of a demo data set (no files)."""
+    rng = np.random.default_rng([spec.seed, 0])
+    n_train_p, n_test_p = spec.patients, spec.test_patients
+    counts = _lesion_counts(rng, n_train_p, spec.lesions_per_patient)
+    test_counts = _lesion_counts(rng, n_test_p, spec.lesions_per_patient)
+    n_rows = int(counts.sum() + test_counts.sum())
+    isic_ids = _unique_ids(rng, "ISIC_", n_rows)
+    patient_ids = _unique_ids(rng, "IP_", n_train_p + n_test_p)
+    patients = _patients(rng, patient_ids)
+    rows = _lesions(rng, patients, np.concatenate([counts, test_counts]))
+    rows.insert(0, "isic_id", isic_ids)
+    latent = _latents(rng, rows)
+    _observe(rng, rows, latent)
+    prob, latent["tabular_logit"] = _probability(rows, latent, spec)
+    rows["target"] = (rng.random(n_rows) < prob).astype(np.int64)
+    is_train = rows["patient_index"].to_numpy() < n_train_p
+    _train_only(rng, rows)
+    render = _render_params(rng, rows, latent, spec, is_train)
+    truth = pd.DataFrame({
+        "isic_id": rows["isic_id"], "split": np.where(is_train, "train", "test"),
+        "target": rows["target"], "probability": prob,
+        "tabular_score": latent["tabular_logit"], "image_cue": latent["cue"],
+    })
+    order_tr = np.argsort(rows["isic_id"].to_numpy()[is_train], kind="stable")  # Kaggle sorts by id
+    order_te = np.argsort(rows["isic_id"].to_numpy()[~is_train], kind="stable")
+    train = rows[is_train].iloc[order_tr].reset_index(drop=True)
+    test = rows[~is_train].iloc[order_te].reset_index(drop=True)
+    return DemoTables(
+        train=train.loc[:, list(schema.TRAIN_COLUMNS)],
+        test=test.loc[:, list(schema.TEST_COLUMNS)],
+        truth=pd.concat([truth[is_train].iloc[order_tr], truth[~is_train].iloc[order_te]],
+                        ignore_index=True),
+        render_train=render[is_train].iloc[order_tr].reset_index(drop=True),
+        render_test=render[~is_train].iloc[order_te].reset_index(drop=True),
+    )
+
+
+def _lesion_counts(rng: np.random.Generator, n_patients: int, mean: float) -> np.ndarray:
+    """Lesions per patient: at least one each, the rest shared by gamma weights (a long right tail)."""
+    total = max(n_patients, round(n_patients * mean))
+    weights = rng.gamma(0.8, size=n_patients)
+    return 1 + rng.multinomial(total - n_patients, weights / weights.sum())
+
+
+def _unique_ids(rng: np.random.Generator, prefix: str, n: int) -> np.ndarray:
+    """n distinct ids of seven digits, like ISIC_0015670 and IP_1235828."""
+    if n > 9_000_000:
+        raise DemoDataError(f"cannot draw {n} distinct seven-digit ids")
+    numbers = rng.choice(10_000_000, size=n, replace=False)
+    return np.array([f"{prefix}{k:07d}" for k in numbers], dtype=object)
+
+
+def _patients(rng: np.random.Generator, patient_ids: np.ndarray) -> pd.DataFrame:
+    """One row per patient: demographics, institution, tile type, skin colour and lesion baselines."""
+    n = len(patient_ids)
+    age = np.clip(np.round(rng.normal(58, 13, n) / 5) * 5, 15, 85)
+    age[rng.random(n) < 0.01] = np.nan
+    sex = rng.choice(np.array(["male", "female"], dtype=object), n, p=[0.68, 0.32])
+    sex[rng.random(n) < 0.03] = None
+    attribution = rng.choice(np.array(_ATTRIBUTIONS, dtype=object), n, p=_ATTRIBUTION_P)
+    return pd.DataFrame({
+        "patient_id": patient_ids, "age_approx": age, "sex": sex, "attribution": attribution,
+        "copyright_license": [_LICENSE_OF[a] for a in attribution],
+        "tbp_tile_type": rng.choice(np.array(["3D: XP", "3D: white"], dtype=object), n, p=[0.71, 0.29]),
+        "skin_L": np.clip(rng.normal(51.5, 11, n), 20, 85), "skin_A": rng.normal(15, 3.3, n),
+        "skin_B": rng.normal(26.9, 4.2, n),
+        # each patient's typical lesion: as much spread between patients as within one
+        "base_size": rng.normal(np.log(3.2), 0.22, n), "base_dark": rng.normal(np.log(8.3), 0.25, n),
+        "base_border": rng.normal(3.2, 1.0, n), "base_color": rng.normal(0.95, 0.45, n),
+    })
+
+
+def _lesions(rng: np.random.Generator, patients: pd.DataFrame, counts: np.ndarray) -> pd.DataFrame:
+    """One row per lesion with the patient's columns and the lesion's body site."""
+    index = np.repeat(np.arange(len(patients)), counts)
+    rows = patients.iloc[index].reset_index(drop=True)
+    rows.insert(0, "patient_index", index)
+    n = len(rows)
+    site = rng.choice(np.array(_SITES, dtype=object), n, p=_SITE_P)
+    missing = rng.random(n) < _SITE_MISSING
+    site[missing] = None
+    location, simple = _locations(rng, site)
+    rows["anatom_site_general"] = site
+    rows["tbp_lv_location"] = location
+    rows["tbp_lv_location_simple"] = simple
+    x, y, z = _body_coordinates(rng, location)
+    rows["tbp_lv_x"], rows["tbp_lv_y"], rows["tbp_lv_z"] = x, y, z
+    rows["image_type"] = "TBP tile: close-up"
+    return rows
+
+
+def _locations(rng: np.random.Generator, site: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Detailed and simple location strings consistent with the general site."""
+    n = len(site)
+    side = np.where(rng.random(n) < 0.5, "Left", "Right")
+    u = rng.random(n)
+    location = np.full(n, "Unknown", dtype=object)
+    simple = np.full(n, "Unknown", dtype=object)
+    for i in range(n):  # plain loop: string logic per row, about 1 s per 400,000 rows
+        s = site[i]
+        if s == "head/neck":
+            location[i] = simple[i] = "Head & Neck"
+        elif s in ("upper extremity", "lower extremity"):
+            limb = "Arm" if s == "upper extremity" else "Leg"
+            simple[i] = f"{side[i]} {limb}"
+            part = "" if u[i] < 0.03 else (" - Upper" if u[i] < (0.72 if limb == "Arm" else 0.52) else " - Lower")
+            location[i] = simple[i] + part
+        elif s == "anterior torso":
+            simple[i] = "Torso Front"
+            location[i] = "Torso Front Top Half" if u[i] < 0.69 else "Torso Front Bottom Half"
+        elif s == "posterior torso":
+            simple[i] = "Torso Back"
+            location[i] = ("Torso Back Top Third" if u[i] < 0.56 else
+                           "Torso Back Middle Third" if u[i] < 0.94 else "Torso Back Bottom Third")
+    return location, simple
+
+
+def _body_coordinates(rng: np.random.Generator, location: np.ndarray) -> tuple[np.ndarray, ...]:
+    """3D position on the body model (mm): height from the site, x from the side, z front or back."""
+    n = len(location)
+    loc = pd.Series(location, dtype=object)
+    table = {  # substring: (x mean, x sd, y mean, y sd, z mean, z sd)
+        "Head": (15, 55, 1560, 120, -38, 70), "Torso Front": (0, 115, 1190, 190, -39, 70),
+        "Torso Back": (0, 105, 1240, 190, 132, 58), "Left Arm": (-290, 120, 1250, 180, 48, 64),
+        "Right Arm": (300, 120, 1250, 180, 48, 64), "Left Leg": (-165, 70, 470, 210, 55, 59),
+        "Right Leg": (150, 70, 470, 210, 55, 59), "Unknown": (0, 200, 1000, 400, 50, 90),
+    }
+    params = np.zeros((n, 6))
+    for key, value in table.items():
+        params[loc.str.startswith(key).to_numpy()] = value
+    shift = np.where(loc.str.contains("Upper|Top").to_numpy(), 150.0,
+                     np.where(loc.str.contains("Lower|Bottom").to_numpy(), -150.0, 0.0))
+    noise = rng.standard_normal((n, 3))
+    x = params[:, 0] + params[:, 1] * noise[:, 0]
+    y = params[:, 2] + shift + params[:, 3] * 0.8 * noise[:, 1]
+    z = params[:, 4] + params[:, 5] * noise[:, 2]
+    return x, y, z
+
+
+def _latents(rng: np.random.Generator, rows: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Per-lesion deviations from the patient's typical lesion, and the hidden image cue."""
+    n = len(rows)
+    z = {k: rng.standard_normal(n) for k in ("size", "dark", "border", "color")}
+    z["tabular"] = (z["size"] + z["dark"] + z["border"] + z["color"]) / 2.0  # unit variance
+    z["cue"] = rng.standard_normal(n)
+    return z
+
+
+def _observe(rng: np.random.Generator, rows: pd.DataFrame, z: dict[str, np.ndarray]) -> None:
+    """Fill the 44 test columns' measurements from the patient baselines plus the lesion latents."""
+    n = len(rows)
+    noise = lambda sd: rng.normal(0.0, sd, n)  # noqa: E731 - measurement noise of one column
+    major = np.maximum(1.0, np.exp(rows["base_size"] + 0.30 * z["size"] + noise(0.08)))
+    ecc = rng.beta(5.9, 2.1, n)
+    minor = np.maximum(0.8, major * np.sqrt(1 - ecc**2))
+    border = np.clip(rows["base_border"] + 1.2 * z["border"] + noise(0.3), 0.7, 10.0)
+    dark = np.clip(np.exp(rows["base_dark"] + 0.28 * z["dark"] + noise(0.08)), 2.5, 30.0)
+    color_std = np.maximum(0.0, rows["base_color"] + 0.5 * z["color"] + noise(0.15))
+    lext = np.clip(rows["skin_L"] + noise(2.5), 15, 90)
+    aext, bext = rows["skin_A"] + noise(1.2), rows["skin_B"] + noise(1.5)
+    d_a = 5.2 + 0.35 * (dark - 8.5) + noise(2.3)
+    d_b = 1.4 - 0.15 * (dark - 8.5) + noise(2.0)
+    lum = np.maximum(5.0, lext - dark)
+    a, b = aext + d_a, bext + d_b
+    area = np.pi / 4 * major * minor * (1 - 0.012 * border) * rng.uniform(0.85, 0.97, n)
+    perimeter = _ellipse_perimeter(major / 2, minor / 2) * (1 + 0.045 * border) * np.exp(noise(0.03))
+    delta_lb = np.hypot(lum - lext, d_b) * np.exp(0.015 + noise(0.02))
+    cols = {
+        "clin_size_long_diam_mm": np.round(major, 2),
+        "tbp_lv_A": a, "tbp_lv_Aext": aext, "tbp_lv_B": b, "tbp_lv_Bext": bext,
+        "tbp_lv_C": np.hypot(a, b), "tbp_lv_Cext": np.hypot(aext, bext),
+        "tbp_lv_H": np.degrees(np.arctan2(b, a)), "tbp_lv_Hext": np.degrees(np.arctan2(bext, aext)),
+        "tbp_lv_L": lum, "tbp_lv_Lext": lext, "tbp_lv_areaMM2": area,
+        "tbp_lv_area_perim_ratio": perimeter**2 / area, "tbp_lv_color_std_mean": color_std,
+        "tbp_lv_deltaA": d_a, "tbp_lv_deltaB": d_b, "tbp_lv_deltaL": lum - lext, "tbp_lv_deltaLB": delta_lb,
+        "tbp_lv_deltaLBnorm": np.maximum(2.5, 0.74 * delta_lb * np.exp(noise(0.08))),
+        "tbp_lv_eccentricity": ecc, "tbp_lv_minorAxisMM": minor,
+        "tbp_lv_nevi_confidence": 100 / (1 + np.exp(-(-0.5 + 0.35 * (dark - 8.5) - 0.5 * (border - 3.2)
+                                                      + noise(5.0)))),
+        "tbp_lv_norm_border": border,
+        "tbp_lv_norm_color": np.clip(2.9 * color_std * np.exp(noise(0.08)), 0, 10),
+        "tbp_lv_perimeterMM": perimeter,
+        "tbp_lv_radial_color_std_max": color_std * np.exp(noise(0.2)),
+        "tbp_lv_stdL": 0.3 + 0.22 * dark * np.exp(noise(0.25)),
+        "tbp_lv_stdLExt": np.exp(np.log(2.16) + noise(0.3)),
+        "tbp_lv_symm_2axis": np.clip(0.12 + 0.055 * border + noise(0.04), 0.06, 0.75),
+        "tbp_lv_symm_2axis_angle": rng.integers(0, 36, n) * 5,
+    }
+    for name, values in cols.items():
+        rows[name] = np.asarray(values)
+
+
+def _ellipse_perimeter(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Ramanujan's approximation of an ellipse's perimeter from its semi-axes."""
+    return np.pi * (3 * (a + b) - np.sqrt((3 * a + b) * (a + 3 * b)))
+
+
+def _probability(rows: pd.DataFrame, z: dict[str, np.ndarray], spec: DemoSpec
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """True P(malignant) (the logistic model of the module docstring, intercept set to the target rate)
+    and the tabular part of its logit."""
+    age = rows["age_approx"].fillna(58.0).to_numpy()
+    tabular = spec.tabular_weight * z["tabular"] + spec.age_weight * (age - 58) / 13
+    part = tabular + spec.image_weight * z["cue"]
+    lo, hi = -30.0, 10.0
+    for _ in range(60):  # bisection: the mean probability is increasing in the intercept
+        mid = (lo + hi) / 2
+        if _sigmoid(mid + part).mean() < spec.positive_rate:
+            lo = mid
+        else:
+            hi = mid
+    return _sigmoid((lo + hi) / 2 + part), tabular
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def _train_only(rng: np.random.Generator, rows: pd.DataFrame) -> None:
+    """Diagnosis columns that exist only in train-metadata.csv, consistent with the label."""
+    n = len(rows)
+    pos = rows["target"].to_numpy() == 1
+    lesion_ids = _unique_ids(rng, "IL_", n)
+    has_lesion_id = pos | (rng.random(n) < 0.06)  # all positives, and a few biopsied benign lesions
+    rows["lesion_id"] = np.where(has_lesion_id, lesion_ids, None)
+    benign = _draw_strings(rng, _BENIGN, n)
+    malignant = _draw_strings(rng, _MALIGNANT, n)
+    iddx = np.where(pos, malignant, benign)
+    rows["iddx_full"] = iddx
+    parts = [s.split("::") for s in iddx]
+    for level in range(5):
+        rows[f"iddx_{level + 1}"] = np.array([p[level] if level < len(p) else None for p in parts], dtype=object)
+    invasive_mel = np.array([s.endswith("Melanoma Invasive") for s in iddx])
+    rows["mel_mitotic_index"] = np.where(invasive_mel, rng.choice(np.array(_MITOTIC, dtype=object), n), None)
+    rows["mel_thick_mm"] = np.where(invasive_mel, np.round(rng.lognormal(np.log(0.5), 0.6, n), 2), np.nan)
+    rows["tbp_lv_dnn_lesion_confidence"] = 100 / (1 + np.exp(-rng.normal(5.0, 2.5, n)))
+
+
+def _draw_strings(rng: np.random.Generator, table: tuple[tuple[str, float], ...], n: int) -> np.ndarray:
+    values = np.array([v for v, _ in table], dtype=object)
+    weights = np.array([w for _, w in table])
+    return rng.choice(values, n, p=weights / weights.sum())
+
+
+def _render_params(rng: np.random.Generator, rows: pd.DataFrame, z: dict[str, np.ndarray], spec: DemoSpec,
+                   is_train: np.ndarray) -> pd.DataFrame:
+    """Per-row inputs of `render_lesion`: crop size, lesion geometry and colour, veil strength."""
+    n = len(rows)
+    size = np.clip(np.round(130 * np.exp(rng.normal(0, 0.25, n))), 60, 240).astype(np.int64)
+    write_mask = np.zeros(n, dtype=bool)
+    train_rows = np.flatnonzero(is_train)
+    k = min(spec.mask_count, len(train_rows))
+    write_mask[rng.choice(train_rows, size=k, replace=False)] = True
+    return pd.DataFrame({
+        "size_px": size, "major_mm": rows["clin_size_long_diam_mm"], "minor_mm": rows["tbp_lv_minorAxisMM"],
+        "angle": np.radians(rows["tbp_lv_symm_2axis_angle"].to_numpy(dtype=float)),
+        "norm_border": rows["tbp_lv_norm_border"], "color_std": rows["tbp_lv_color_std_mean"],
+        "stdL": rows["tbp_lv_stdL"], "L": rows["tbp_lv_L"], "A": rows["tbp_lv_A"], "B": rows["tbp_lv_B"],
+        "Lext": rows["tbp_lv_Lext"], "Aext": rows["tbp_lv_Aext"], "Bext": rows["tbp_lv_Bext"],
+        # veil strength in [0, 1]: faint or absent for most lesions, strong when the cue is high
+        "veil": _sigmoid(1.6 * (z["cue"] - 1.0)), "write_mask": write_mask,
+    })
+
+
+# ----------------------------------------------------------------------------------------- images
+
+
+def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
+    """CIE L*a*b* (D65) to sRGB in [0, 255], float; the last axis holds L, a, b."""
+    lab = np.asarray(lab, dtype=np.float64)
+    fy = (lab[..., 0] + 16) / 116
+    f = np.stack([fy + lab[..., 1] / 500, fy, fy - lab[..., 2] / 200], axis=-1)
+    xyz = np.where(f > 6 / 29, f**3, 3 * (6 / 29) ** 2 * (f - 4 / 29)) * np.array([0.95047, 1.0, 1.08883])
+    m = np.array([[3.2406, -1.5372, -0.4986], [-0.9689, 1.8758, 0.0415], [0.0557, -0.2040, 1.0570]])
+    lin = np.clip(xyz @ m.T, 0, 1)
+    srgb = np.where(lin <= 0.0031308, 12.92 * lin, 1.055 * lin ** (1 / 2.4) - 0.055)
+    return srgb * 255
+
+
+def _smooth_noise(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
+    """Low-frequency noise: a grid x grid normal field, bilinearly upsampled to size x size (float32)."""
+    g = rng.standard_normal((grid, grid), dtype=np.float32)
+    pos = np.linspace(0, grid - 1, size, dtype=np.float32)
+    i0 = np.minimum(pos.astype(np.int64), grid - 2)
+    w = pos - i0
+    rows = g[i0] * (1 - w)[:, None] + g[i0 + 1] * w[:, None]  # (size, grid)
+    return np.ascontiguousarray(rows[:, i0] * (1 - w) + rows[:, i0 + 1] * w)
+
+
+_ANGLES = 256  # resolution of the border's radius table
+
+
+def render_lesion(p: dict[str, float], rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one crop: textured skin, an irregular darker lesion, and the blue-grey veil of strength p['veil'].
+
+    Returns the (S, S, 3) uint8 RGB image and its (S, S) bool lesion mask. The lesion is computed only in
+    its bounding box, in float32: this is the inner loop of a 400,000-image data set.
+    """
+    s = int(p["size_px"])
+    skin = lab_to_rgb(np.array([p["Lext"], p["Aext"], p["Bext"]])).astype(np.float32)
+    # broad shading plus finer mottling: skin is never flat
+    shade = (1 + np.float32(0.04) * _smooth_noise(rng, s, 5)
+             + np.float32(0.025) * _smooth_noise(rng, s, max(6, s // 8)))[..., None]
+    img = shade * skin
+    img += rng.standard_normal((s, s), dtype=np.float32)[..., None] * np.float32(3.0)  # sensor noise
+    mask = np.zeros((s, s), dtype=bool)
+    scale = s / CROP_MM
+    a, b = max(1.5, 0.5 * p["major_mm"] * scale), max(1.2, 0.5 * p["minor_mm"] * scale)
+    cy, cx = s / 2 + rng.normal(0, 0.04 * s, 2)
+    border = _border(p["norm_border"], rng)
+    reach = a * float(border.max()) + 2  # the lesion lies within this many px of its centre
+    y0, y1 = max(0, int(cy - reach)), min(s, int(cy + reach) + 1)
+    x0, x1 = max(0, int(cx - reach)), min(s, int(cx + reach) + 1)
+    if y1 <= y0 or x1 <= x0:
+        return np.clip(img, 0, 255).astype(np.uint8), mask
+    y = np.arange(y0, y1, dtype=np.float32)[:, None] + np.float32(0.5 - cy)
+    x = np.arange(x0, x1, dtype=np.float32)[None, :] + np.float32(0.5 - cx)
+    ca, sa = np.float32(np.cos(p["angle"])), np.float32(np.sin(p["angle"]))
+    u, v = (x * ca + y * sa) / np.float32(a), (y * ca - x * sa) / np.float32(b)
+    rho = np.hypot(u, v)
+    edge = (border[_angle_index(u, v)] - rho) * np.float32(min(a, b))  # about the px distance to the border
+    soft = np.float32(1.0 + 0.12 * min(a, b))  # border blur in px: TBP crops are soft
+    alpha = np.clip(edge / soft + np.float32(0.5), 0, 1)[..., None]
+    mask[y0:y1, x0:x1] = edge > 0
+
+    lesion = lab_to_rgb(np.array([p["L"], p["A"], p["B"]])).astype(np.float32)
+    centre = 1 - np.float32(0.04 * p["stdL"]) * np.clip(1 - rho, 0, 1)  # darker core
+    blotch = np.float32(0.07 * p["color_std"]) * _smooth_noise(rng, max(y1 - y0, x1 - x0), 4)[: y1 - y0, : x1 - x0]
+    tint = np.array([1.0, 0.7, 0.6], dtype=np.float32)  # colour variation leans red-brown
+    body = lesion * (centre[..., None] + blotch[..., None] * tint) * shade[y0:y1, x0:x1]
+    box = img[y0:y1, x0:x1]
+    box += alpha * (_veil(body, lesion, u, v, p["veil"], rng) - box)
+    return np.clip(img, 0, 255).astype(np.uint8), mask
+
+
+def _border(norm_border: float, rng: np.random.Generator) -> np.ndarray:
+    """Radius of the lesion's border per angle (1 = the ellipse): a few low harmonics, stronger for a
+    higher norm_border."""
+    k = np.arange(2, 7)
+    amp = 0.025 * norm_border * rng.uniform(0.3, 1.0, 5) / np.sqrt(k - 1)
+    phase = rng.uniform(0, 2 * np.pi, 5)
+    theta = np.linspace(-np.pi, np.pi, _ANGLES + 1)
+    return (1 + (amp[:, None] * np.cos(k[:, None] * theta + phase[:, None])).sum(0)).astype(np.float32)
+
+
+def _angle_index(u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    return ((np.arctan2(v, u) + np.float32(np.pi)) * np.float32(_ANGLES / (2 * np.pi)) + 0.5).astype(np.intp)
+
+
+def _veil(body: np.ndarray, lesion: np.ndarray, u: np.ndarray, v: np.ndarray, strength: float,
+          rng: np.random.Generator) -> np.ndarray:
+    """Blend an off-centre blue-grey blotch into the lesion: the cue that no metadata column carries."""
+    if strength < 0.02:
+        return body
+    du, dv = rng.uniform(-0.4, 0.4, 2).astype(np.float32)
+    radius = np.float32(0.35 + 0.4 * strength)  # in units of the lesion's semi-axes
+    d2 = ((u - du) ** 2 + (v - dv) ** 2) / radius**2
+    weight = (np.float32(0.85 * strength) * np.exp(-d2))[..., None]
+    colour = lesion.mean() * np.array([0.8, 0.95, 1.3], dtype=np.float32)  # the lesion's brightness, bluer
+    return body + weight * (colour - body)
+
+
+def _encode(img: np.ndarray, quality: int) -> bytes:
+    import simplejpeg
+
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=quality, colorspace="RGB", colorsubsampling="420")
+
+
+def _png(mask: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _render_chunk(task: tuple[int, int, dict[str, np.ndarray], int]) -> list[tuple[bytes, bytes | None]]:
+    """Render rows [start, start + len) of one split; each row has its own seeded stream."""
+    seed, start, cols, quality = task
+    out = []
+    for i in range(len(cols["size_px"])):
+        p = {name: values[i] for name, values in cols.items()}
+        img, mask = render_lesion(p, np.random.default_rng([seed, 1, start + i]))
+        out.append((_encode(img, quality), _png(mask) if p["write_mask"] else None))
+    return out
+
+
+def _render_all(render: pd.DataFrame, seed: int, offset: int, quality: int, workers: int
+                ) -> Iterator[tuple[bytes, bytes | None]]:
+    """Yield (jpeg, png or None) per row in order, rendered in `workers` processes."""
+    cols = {c: render[c].to_numpy() for c in _RENDER_COLUMNS}
+    tasks = [(seed, offset + s, {c: v[s:s + _CHUNK] for c, v in cols.items()}, quality)
+             for s in range(0, len(render), _CHUNK)]
+    if workers <= 1 or len(tasks) <= 2:  # a pool costs about a second to start
+        for task in tasks:
+            yield from _render_chunk(task)
+        return
+    # spawn, not fork: the caller may hold threads (torch, tqdm) that a fork would copy mid-lock
+    with multiprocessing.get_context("spawn").Pool(workers) as pool:
+        for chunk in pool.imap(_render_chunk, tasks):
+            yield from chunk
+
+
+# ----------------------------------------------------------------------------------------- files
+
+
+def write_demo_data(out_dir: str | os.PathLike[str], spec: DemoSpec | None = None, overwrite: bool = False,
+                    workers: int | None = None) -> str:
+    """Write the demo data set into `out_dir` (built beside it, then renamed into place); return a summary.
+
+    Refuses a non-empty `out_dir` unless `overwrite`. `workers` (default: all CPU cores, at most 8)
+    only changes the speed, never the bytes written.
+    """
+    spec = spec or DemoSpec()
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DemoDataError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise DemoDataError(f"{out}: folder is not empty; pass overwrite=True (--overwrite) to replace it")
+    workers = workers or min(8, os.cpu_count() or 1)
+    started = time.perf_counter()
+    tables = make_tables(spec)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        _write_files(DataPaths(tmp), tables, spec, workers)
+        _replace_dir(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return _summary(out, tables, time.perf_counter() - started)
+
+
+def _write_files(paths: DataPaths, tables: DemoTables, spec: DemoSpec, workers: int) -> None:
+    tables.train.to_csv(paths.train_metadata, index=False)
+    tables.test.to_csv(paths.test_metadata, index=False)
+    pd.DataFrame({"isic_id": tables.test["isic_id"], "target": 0.3}).to_csv(paths.sample_submission, index=False)
+    tables.truth.loc[:, ["isic_id", "split", "target", "probability"]].to_csv(paths.demo_truth, index=False)
+    paths.masks.mkdir()
+    n_train = len(tables.train)
+    _write_images(paths.train_images, tables.train["isic_id"], tables.render_train, spec, 0, workers,
+                  paths.masks)
+    _write_images(paths.test_images, tables.test["isic_id"], tables.render_test, spec, n_train, workers, None)
+
+
+def _write_images(path: Path, ids: pd.Series, render: pd.DataFrame, spec: DemoSpec, offset: int,
+                  workers: int, masks: Path | None) -> None:
+    """One HDF5 dataset per isic_id holding a numpy.bytes_ scalar of JPEG bytes, as in Kaggle's files."""
+    import h5py
+    from tqdm.auto import tqdm
+
+    frames = _render_all(render, spec.seed, offset, spec.jpeg_quality, workers)
+    with h5py.File(path, "w") as h5:
+        for isic_id, (jpeg, png) in tqdm(zip(ids, frames), total=len(ids), desc=path.name, unit="img",
+                                         mininterval=1.0):
+            h5.create_dataset(isic_id, data=np.bytes_(jpeg), track_times=False)  # same bytes every run
+            if png is not None and masks is not None:
+                (masks / f"{isic_id}.jpg").write_bytes(jpeg)
+                (masks / f"{isic_id}_segmentation.png").write_bytes(png)
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename the finished folder onto `out`; an old folder is moved aside first and deleted last."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _summary(out: Path, tables: DemoTables, seconds: float) -> str:
+    from lesionstack.metrics import pauc
+
+    train, truth = tables.train, tables.truth
+    tr = truth[truth["split"] == "train"]
+    sizes = pd.concat([tables.render_train["size_px"], tables.render_test["size_px"]])
+    lines = [
+        f"wrote {out} in {seconds:.1f} s",
+        f"  train: {len(train):,} lesions of {train['patient_id'].nunique():,} patients, "
+        f"{int(train['target'].sum()):,} malignant ({train['target'].mean():.2%})",
+        f"  test:  {len(tables.test):,} lesions of {tables.test['patient_id'].nunique():,} other patient(s)",
+        f"  images: {sizes.min()}-{sizes.max()} px (median {int(sizes.median())}); "
+        f"masks: {int(tables.render_train['write_mask'].sum())}",
+    ]
+    if 0 < tr["target"].sum() < len(tr):
+        y = tr["target"].to_numpy()
+        lines.append(
+            f"  train pAUC of the true probability {pauc(y, tr['probability']):.4f}; "
+            f"tabular half alone {pauc(y, tr['tabular_score']):.4f}; image cue alone {pauc(y, tr['image_cue']):.4f}"
+        )
+    return "\n".join(lines)
