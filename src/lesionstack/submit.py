@@ -59,16 +59,15 @@ def validate_submission(sub: pd.DataFrame, test_ids: Sequence[str]) -> None:
     if bad.any():
         i = int(np.argmax(bad))
         raise SubmissionError(f"{int(bad.sum())} target value(s) not finite in [0, 1], "
-                              f"first {sub['target'].iloc[i]!r} for '{ids.iloc[i]}'")
+                              f"first {sub['target'].iloc[i]} for '{ids.iloc[i]}'")
 
 
 def write_submission(scores: pd.DataFrame, test_ids: Sequence[str], path: str | os.PathLike[str]) -> Path:
     """Write `scores` (isic_id, score) as a submission in test-id order, after validating it."""
-    sub = pd.DataFrame({ID_COLUMN: list(map(str, test_ids))}).merge(
-        scores.rename(columns={"score": "target"})[[ID_COLUMN, "target"]], on=ID_COLUMN, how="left")
-    if len(sub) != len(test_ids):  # a duplicated score id multiplied rows in the merge
-        raise SubmissionError(f"scores hold duplicate ids: {len(sub)} rows for {len(test_ids)} test ids")
+    sub = scores.rename(columns={"score": "target"})[[ID_COLUMN, "target"]].astype({ID_COLUMN: str})
     validate_submission(sub, test_ids)
+    order = pd.Series(range(len(test_ids)), index=list(map(str, test_ids)))
+    sub = sub.iloc[order[sub[ID_COLUMN]].argsort()]  # the test metadata's order, like sample_submission
     with atomic_path(path) as tmp:
         sub.to_csv(tmp, index=False, float_format="%.8g", lineterminator="\n")
     return Path(path)
