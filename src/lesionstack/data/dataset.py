@@ -1,0 +1,142 @@
+"""Datasets and samplers for the CNN: HDF5 crops -> resized uint8 tensors, and the per-epoch draw.
+
+Workers only read, decode (at a reduced JPEG scale when the model wants a small image) and resize; the
+random augmentation runs batched on the training device (`lesionstack.data.augment`). Images stay uint8
+until then, so a batch crosses process and device boundaries at a quarter of the float size.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset, Sampler
+
+from lesionstack.data.hdf5 import CorruptImageError, H5Images
+
+log = logging.getLogger(__name__)
+
+Item = tuple[torch.Tensor | None, float, int, str | None]
+
+
+class Batch(NamedTuple):
+    """A collated batch: uint8 images, float labels, dataset indices, and the crops that failed."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor
+    corrupt: list[tuple[int, str]]  # (dataset index, reason)
+
+
+class CropDataset(Dataset[Item]):
+    """Crops of `ids` from one HDF5 file, resized to `image_size` square, as uint8 (3, S, S) tensors.
+
+    An item is `(image, label, index, error)`; `index` is the position in `ids`, so scores map back to
+    rows whatever the sampler did. A crop that cannot be decoded gives `image=None` and the reason in
+    `error`: the decision to stop or skip is taken in the main process (`check_corrupt`), because an
+    exception raised inside a DataLoader worker loses its type on the way back.
+    """
+
+    def __init__(self, images: H5Images | str | os.PathLike[str], ids: Sequence[str],
+                 labels: Sequence[float] | None = None, image_size: int = 128) -> None:
+        self.images = images if isinstance(images, H5Images) else H5Images(images)
+        self.ids = list(ids)
+        self.labels = np.zeros(len(self.ids), np.float32) if labels is None else np.asarray(labels, np.float32)
+        if len(self.labels) != len(self.ids):
+            raise ValueError(f"{len(self.ids)} ids but {len(self.labels)} labels")
+        self.image_size = int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def load(self, index: int) -> np.ndarray:
+        """The crop at `index` as an (S, S, 3) uint8 array (raises `CorruptImageError`)."""
+        isic_id = self.ids[index]
+        array = self.images.read(isic_id, min_side=self.image_size)
+        if array.ndim != 3 or array.shape[2] != 3:
+            raise CorruptImageError(isic_id, f"decoded to shape {array.shape}, not (H, W, 3)", self.images.path)
+        if array.shape[:2] != (self.image_size, self.image_size):
+            size = (self.image_size, self.image_size)
+            array = np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BILINEAR))
+        return array
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            array = self.load(index)
+        except CorruptImageError as err:
+            reason = str(err).split(": ", 1)[-1]  # drop the "image 'X' in file" prefix; re-added later
+            return None, float(self.labels[index]), index, reason
+        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+        return image, float(self.labels[index]), index, None
+
+
+def collate_skip(items: list[Item]) -> Batch:
+    """Stack items into a `Batch`, setting aside the crops that failed to decode."""
+    kept = [item for item in items if item[0] is not None]
+    corrupt = [(item[2], item[3] or "unreadable") for item in items if item[0] is None]
+    if not kept:
+        empty = torch.empty(0, dtype=torch.long)
+        return Batch(torch.empty(0, 3, 0, 0, dtype=torch.uint8), torch.empty(0), empty, corrupt)
+    images = torch.stack([item[0] for item in kept])  # type: ignore[misc]
+    labels = torch.tensor([item[1] for item in kept], dtype=torch.float32)
+    index = torch.tensor([item[2] for item in kept], dtype=torch.long)
+    return Batch(images, labels, index, corrupt)
+
+
+def check_corrupt(batch: Batch, dataset: CropDataset, skip: bool) -> None:
+    """Stop with a `CorruptImageError` naming the isic_id, or log and go on when `skip` is set."""
+    for index, reason in batch.corrupt:
+        isic_id = dataset.ids[index]
+        if not skip:
+            hint = "; set `skip_corrupt: true` in the config to skip such images"
+            raise CorruptImageError(isic_id, reason + hint, dataset.images.path)
+        log.warning("skipping corrupt image '%s' in %s: %s", isic_id, dataset.images.path, reason)
+
+
+def shard(indices: Sequence[int], rank: int, world_size: int, pad: bool = True) -> list[int]:
+    """Rank `rank`'s share of `indices` (strided). With `pad`, wrap around so every rank gets as many."""
+    indices = list(indices)
+    if pad and world_size > 1 and indices:
+        total = math.ceil(len(indices) / world_size) * world_size
+        indices = (indices * math.ceil(total / len(indices)))[:total]
+    return indices[rank::world_size]
+
+
+class BalancedEpochSampler(Sampler[int]):
+    """Each epoch: every positive plus a fresh draw of `neg_per_pos` times as many negatives, shuffled.
+
+    The draw depends only on (seed, epoch), so every DDP rank computes the same draw and takes its own
+    strided shard, and a resumed epoch draws the same lesions again. Call `set_epoch` before each epoch.
+    """
+
+    def __init__(self, labels: Sequence[float], neg_per_pos: float, seed: int = 0,
+                 rank: int = 0, world_size: int = 1) -> None:
+        labels = np.asarray(labels)
+        self.positives = np.flatnonzero(labels == 1)
+        self.negatives = np.flatnonzero(labels == 0)
+        if len(self.positives) == 0:
+            raise ValueError("the training set of this fold has no positives; cannot draw a balanced epoch")
+        self.n_neg = min(len(self.negatives), int(round(neg_per_pos * len(self.positives))))
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def draw(self) -> np.ndarray:
+        """This epoch's indices, in training order, before sharding."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        negatives = rng.choice(self.negatives, size=self.n_neg, replace=False)
+        return rng.permutation(np.concatenate([self.positives, negatives]))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(int(i) for i in shard(self.draw().tolist(), self.rank, self.world_size))
+
+    def __len__(self) -> int:
+        return math.ceil((len(self.positives) + self.n_neg) / self.world_size)

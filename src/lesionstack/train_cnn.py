@@ -1,0 +1,565 @@
+"""Train the gated CNN once per fold; write out-of-fold and test scores.
+
+For each fold k the model trains on the other folds and is validated on fold k every epoch; its best
+weights (by fold pAUC) score fold k's lesions (out-of-fold) and the test set. Every training lesion thus
+gets exactly one score from a model that never saw it, which is what the GBDT stacker needs.
+
+Per fold folder (`ArtifactPaths.cnn_fold(k)`): `config.yaml` (written first), `checkpoint.pt` (after each
+epoch, removed at the end), `model.pt` (best weights), `metrics.json`, and `DONE` (written last). A rerun
+skips DONE folds, resumes a killed fold from its checkpoint, and refuses a fold made by another config.
+
+Under `torchrun --nproc_per_node N` the same code trains with DistributedDataParallel: each rank takes a
+strided shard of the epoch's draw and of the lesions to score, scores are gathered on every rank (so all
+ranks compute the same pAUC and agree on early stopping), and rank 0 alone writes files.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.distributed as torch_dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from lesionstack.config import ConfigError, ensure_same_config, load_config, save_config
+from lesionstack.data.augment import AugmentConfig, augment_batch, normalize, to_float
+from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, collate_skip, shard
+from lesionstack.data.hdf5 import H5Images
+from lesionstack.data.schema import ID_COLUMN
+from lesionstack.files import atomic_path, read_json, write_json, write_text
+from lesionstack.folds import read_folds
+from lesionstack.metrics import MetricError, pauc, roc_auc
+from lesionstack.models import ModelConfig, build_model, param_groups
+from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
+
+log = logging.getLogger(__name__)
+
+# Top-level config keys that change how fast a fold trains, never what it learns.
+RUNTIME_KEYS = ("eval_batch_size", "num_workers", "cpu_threads", "device", "progress")
+
+EpochHook = Callable[[int, int], None]  # (fold, epochs completed) -> None; raise to simulate a crash
+
+
+@dataclass
+class CNNConfig:
+    """Everything that defines one per-fold CNN run (defaults: a real-data run on a GPU)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    image_size: int = 128
+    batch_size: int = 64  # per process
+    eval_batch_size: int = 256
+    epochs: int = 10
+    lr: float = 1e-4
+    weight_decay: float = 1e-2
+    warmup_epochs: float = 1.0
+    min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
+    neg_per_pos: float = 3.0  # each epoch: all positives + this many times as many fresh negatives
+    patience: int = 3  # validations without a better fold pAUC before stopping
+    val_every: int = 1  # validate every n epochs (and after the last)
+    tta_hflip: bool = True  # average the logits of the image and its mirror when scoring
+    seed: int = 42
+    num_workers: int = 2
+    cpu_threads: int = 0  # torch threads on CPU; 0 keeps torch's default (1 is faster on a busy machine)
+    skip_corrupt: bool = False  # True: log and skip undecodable crops; False: stop naming the isic_id
+    device: str = "auto"  # auto: cuda when available, else cpu
+    amp: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 (+ GradScaler) on GPU; off on CPU
+    channels_last: bool = True  # on CUDA only
+    progress: bool = True
+
+
+def load_cnn_config(path: str | os.PathLike[str] | None = None,
+                    segmenter: str | os.PathLike[str] | None = None, **overrides: Any) -> CNNConfig:
+    """Defaults, then the YAML at `path`, then `overrides`; `segmenter` replaces model.segmenter_weights."""
+    cfg = load_config(CNNConfig, path, **overrides)
+    if segmenter is not None:
+        if not Path(segmenter).is_file():
+            raise FileNotFoundError(f"--segmenter {segmenter}: no such file")
+        cfg.model = dataclasses.replace(cfg.model, segmenter_weights=os.fspath(segmenter))
+    return cfg
+
+
+# ---- processes and devices ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process stands in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str) -> DistContext:
+    """Join the process group that `torchrun` describes in the environment (nccl on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistContext()
+    ctx = DistContext(int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if not torch_dist.is_initialized():
+        cuda = resolve_device(device_name, ctx).type == "cuda"
+        torch_dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return ctx
+
+
+def barrier(ctx: DistContext) -> None:
+    if ctx.active:
+        torch_dist.barrier()
+
+
+def sync_buffers(model: nn.Module, ctx: DistContext) -> None:
+    """Give every rank rank 0's BatchNorm statistics (each rank's last batch moved its own copy)."""
+    if ctx.active:
+        for buffer in model.buffers():
+            torch_dist.broadcast(buffer.data, src=0)
+
+
+def resolve_device(name: str, ctx: DistContext = DistContext()) -> torch.device:
+    """'auto' -> this rank's GPU when CUDA is available, else the CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+        return torch.device("cuda", ctx.local_rank)
+    return torch.device(name)
+
+
+def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for `setting` ('auto', 'bf16', 'fp16', 'off') on `device`, or None."""
+    if setting not in ("auto", "bf16", "fp16", "off"):
+        raise ConfigError(f"amp: expected auto, bf16, fp16 or off, got {setting!r}")
+    if setting == "off" or (setting == "auto" and device.type != "cuda"):
+        return None
+    if setting == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if setting == "bf16" else torch.float16
+
+
+def seed_everything(*keys: int) -> None:
+    """Seed python, numpy and torch from a tuple of ints (seed, fold, epoch, rank)."""
+    seed = int(np.random.SeedSequence(list(keys)).generate_state(1)[0])
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+# ---- one epoch ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """What a fold's loops need besides the config: device, precision, process group."""
+
+    cfg: CNNConfig
+    device: torch.device
+    dtype: torch.dtype | None
+    ctx: DistContext
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 batch on the host -> float on the device, in [0, 1]."""
+        images = to_float(images.to(self.device, non_blocking=True))
+        return images
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalise and set the memory format the model runs fastest in."""
+        images = normalize(images)
+        if self.device.type == "cuda" and self.cfg.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images
+
+    def autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to `min_ratio`."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def make_loader(dataset: CropDataset, rt: Runtime, *, sampler: Any, batch_size: int,
+                drop_last: bool = False) -> DataLoader:
+    workers = rt.cfg.num_workers
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      collate_fn=collate_skip, pin_memory=rt.device.type == "cuda", drop_last=drop_last,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None)
+
+
+def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, rt: Runtime,
+                gen: torch.Generator, desc: str) -> tuple[float, float]:
+    """One pass over the epoch's draw; returns (mean train loss over all ranks, images/s over all ranks)."""
+    model.train()
+    total, count, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(loader, desc=desc, leave=False, disable=not (rt.cfg.progress and rt.ctx.is_main))
+    for batch in bar:
+        check_corrupt(batch, dataset, rt.cfg.skip_corrupt)
+        if len(batch.labels) < 2:  # BatchNorm cannot train on one image
+            continue
+        x = rt.finish(augment_batch(rt.prepare(batch.images), rt.cfg.augment, gen))
+        y = batch.labels.to(rt.device, non_blocking=True)
+        with rt.autocast():
+            logits = model(x)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), y)
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        sched.step()
+        total += float(loss.detach()) * len(y)
+        count += len(y)
+        bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
+    sums = torch.tensor([total, float(count)], dtype=torch.float64)
+    if rt.ctx.active:
+        torch_dist.all_reduce(sums)
+    seconds = time.perf_counter() - start
+    return float(sums[0] / max(sums[1], 1.0)), float(sums[1]) / seconds
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, dataset: CropDataset, rt: Runtime, indices: Sequence[int] | None = None,
+                   desc: str = "score") -> np.ndarray:
+    """Logits for `indices` of `dataset` (all by default) as an array over the whole dataset (NaN elsewhere).
+
+    Under DDP each rank scores a strided shard and the shards are gathered, so every rank returns the
+    same array. Skipped corrupt crops stay NaN.
+    """
+    model.eval()
+    indices = list(range(len(dataset))) if indices is None else list(indices)
+    mine = shard(indices, rt.ctx.rank, rt.ctx.world_size, pad=False)
+    loader = make_loader(dataset, rt, sampler=mine, batch_size=rt.cfg.eval_batch_size)
+    found_idx, found_logit = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=not (rt.cfg.progress and rt.ctx.is_main)):
+        check_corrupt(batch, dataset, rt.cfg.skip_corrupt)
+        if len(batch.index) == 0:
+            continue
+        x = rt.finish(rt.prepare(batch.images))
+        with rt.autocast():
+            logits = model(x).float()
+            if rt.cfg.tta_hflip:
+                logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float())
+        found_idx.append(batch.index.numpy())
+        found_logit.append(logits.cpu().numpy())
+    pairs = (np.concatenate(found_idx) if found_idx else np.empty(0, np.int64),
+             np.concatenate(found_logit) if found_logit else np.empty(0, np.float32))
+    parts = [pairs]
+    if rt.ctx.active:
+        parts = [None] * rt.ctx.world_size  # type: ignore[list-item]
+        torch_dist.all_gather_object(parts, pairs)
+    out = np.full(len(dataset), np.nan, dtype=np.float64)
+    for idx, logit in parts:
+        out[idx] = logit
+    return out
+
+
+def sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def evaluate(logits: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Validation loss, pAUC and AUC over the scored rows (NaN rows are skipped corrupt crops)."""
+    ok = np.isfinite(logits)
+    x, y = logits[ok], labels[ok]
+    loss = float(np.mean(np.maximum(x, 0) - x * y + np.log1p(np.exp(-np.abs(x)))))
+    try:
+        return {"val_loss": loss, "val_pauc": pauc(y, sigmoid(x)), "val_auc": roc_auc(y, sigmoid(x))}
+    except MetricError as err:
+        raise MetricError(f"fold validation set: {err}") from err
+
+
+# ---- one fold -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class FoldState:
+    """The progress of a fold: what a checkpoint restores besides the weights and optimiser."""
+
+    epoch: int = 0  # epochs completed
+    best_pauc: float = -1.0
+    best_auc: float | None = None
+    best_epoch: int = 0
+    bad_rounds: int = 0  # validations since the last improvement
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def check_fold_config(cfg: CNNConfig, files: FoldFiles, ctx: DistContext) -> None:
+    """Refuse a fold folder made by another config; write the config into a new one."""
+    if files.config.exists():
+        ensure_same_config(cfg, files.config, ignore=RUNTIME_KEYS)
+    elif ctx.is_main:
+        save_config(cfg, files.config)
+    barrier(ctx)
+
+
+def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, files: FoldFiles,
+               rt: Runtime, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+    """Train (or resume, or skip) one fold; returns its metrics.json content."""
+    check_fold_config(cfg, files, rt.ctx)
+    if files.done.exists():
+        log.info("fold %d: already done, skipped (%s)", fold, files.done)
+        return read_json(files.metrics)
+    train = folds[folds["fold"] != fold]
+    val = folds[folds["fold"] == fold]
+    train_ds = CropDataset(images, train[ID_COLUMN], train["target"], cfg.image_size)
+    val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
+    seed_everything(cfg.seed, fold)
+    model = build_model(cfg.model).to(rt.device)
+    if rt.device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    sampler = BalancedEpochSampler(train_ds.labels, cfg.neg_per_pos, seed=cfg.seed * 1000 + fold,
+                                   rank=rt.ctx.rank, world_size=rt.ctx.world_size)
+    loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
+                         drop_last=len(sampler) > cfg.batch_size)
+    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
+                            weight_decay=cfg.weight_decay)
+    steps = len(loader)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, warmup_cosine(steps * cfg.epochs, int(cfg.warmup_epochs * steps), cfg.min_lr_ratio))
+    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    state = resume(files, model, opt, sched, scaler, fold)
+    net: nn.Module = model
+    if rt.ctx.active:
+        ids = [rt.ctx.local_rank] if rt.device.type == "cuda" else None
+        net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    for epoch in range(state.epoch, cfg.epochs):
+        seed_everything(cfg.seed, fold, epoch, rt.ctx.rank)  # a resumed epoch repeats the lost one exactly
+        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        sampler.set_epoch(epoch)
+        lr = opt.param_groups[0]["lr"]
+        desc = f"fold {fold} epoch {epoch + 1}/{cfg.epochs}"
+        train_loss, ips = train_epoch(net, loader, train_ds, opt, sched, scaler, rt, gen, desc)
+        row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": None,
+                               "val_pauc": None, "val_auc": None, "images_per_s": ips, "lr": lr}
+        if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
+            sync_buffers(model, rt.ctx)
+            row.update(evaluate(predict_logits(model, val_ds, rt, desc=f"fold {fold} val"), val_ds.labels))
+            update_best(state, row, model, files, rt.ctx)
+        state.history.append(row)
+        state.epoch = epoch + 1
+        log_epoch(fold, row, state, rt.ctx)
+        if rt.ctx.is_main:
+            save_torch(checkpoint_dict(model, opt, sched, scaler, state), files.checkpoint)
+        barrier(rt.ctx)
+        if on_epoch_end is not None:
+            on_epoch_end(fold, state.epoch)
+        if state.bad_rounds >= cfg.patience:
+            log.info("fold %d: no better pAUC in %d validations, stopping", fold, cfg.patience)
+            break
+    return finish_fold(files, state, len(train_ds), len(val_ds), rt.ctx)
+
+
+def update_best(state: FoldState, row: dict[str, Any], model: nn.Module, files: FoldFiles,
+                ctx: DistContext) -> None:
+    """Keep the best weights by fold pAUC (every rank computed the same pAUC from gathered scores)."""
+    if row["val_pauc"] > state.best_pauc:
+        state.best_pauc, state.best_auc, state.best_epoch = row["val_pauc"], row["val_auc"], row["epoch"]
+        state.bad_rounds = 0
+        if ctx.is_main:
+            save_torch(model.state_dict(), files.weights)
+    else:
+        state.bad_rounds += 1
+
+
+def log_epoch(fold: int, row: dict[str, Any], state: FoldState, ctx: DistContext) -> None:
+    if not ctx.is_main:
+        return
+    val = "" if row["val_pauc"] is None else f" val_loss {row['val_loss']:.4f} pAUC {row['val_pauc']:.4f}"
+    log.info("fold %d epoch %d: train_loss %.4f%s (%.0f img/s; best pAUC %.4f at epoch %d)", fold,
+             row["epoch"], row["train_loss"], val, row["images_per_s"], state.best_pauc, state.best_epoch)
+
+
+def checkpoint_dict(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: torch.amp.GradScaler,
+                    state: FoldState) -> dict[str, Any]:
+    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict(), "state": dataclasses.asdict(state),
+            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+
+
+def resume(files: FoldFiles, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
+           scaler: torch.amp.GradScaler, fold: int) -> FoldState:
+    """Restore a killed fold from its last checkpoint, or start a fresh state."""
+    if not files.checkpoint.exists():
+        return FoldState()
+    ckpt = torch.load(files.checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    sched.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    state = FoldState(**ckpt["state"])
+    log.info("fold %d: resuming after epoch %d from %s", fold, state.epoch, files.checkpoint)
+    return state
+
+
+def finish_fold(files: FoldFiles, state: FoldState, n_train: int, n_val: int, ctx: DistContext) -> dict:
+    """metrics.json, then DONE (last, so its presence means the fold is complete); drop the checkpoint."""
+    metrics = {"epochs": state.history, "best_epoch": state.best_epoch, "best_pauc": state.best_pauc,
+               "best_auc": state.best_auc, "n_train": n_train, "n_val": n_val}
+    if ctx.is_main:
+        write_json(files.metrics, metrics)
+        write_text(files.done, f"best_epoch {state.best_epoch} best_pauc {state.best_pauc:.6f}\n")
+        files.checkpoint.unlink(missing_ok=True)
+    barrier(ctx)
+    return metrics
+
+
+# ---- scores -------------------------------------------------------------------------------------------
+
+
+def scoring_model(cfg: CNNConfig, weights: Path, device: torch.device) -> nn.Module:
+    """A fold's best model; the init-weight files are not needed (the fold's weights replace them)."""
+    model_cfg = dataclasses.replace(cfg.model, classifier_weights=None, segmenter_weights=None)
+    model = build_model(model_cfg)
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return model.to(device)
+
+
+def test_ids(data: DataPaths, images: H5Images) -> list[str]:
+    """The test lesions: test-metadata.csv's ids when present (each must have a crop), else the HDF5's."""
+    if not data.test_metadata.exists():
+        return list(images.ids)
+    ids = pd.read_csv(data.test_metadata, usecols=[ID_COLUMN])[ID_COLUMN].astype(str).tolist()
+    missing = [i for i in ids if i not in images]
+    if missing:
+        raise ValueError(f"{images.path}: no crop for {len(missing)} test id(s) of {data.test_metadata}, "
+                         f"first '{missing[0]}'")
+    return ids
+
+
+def check_oof(oof: pd.DataFrame, folds: pd.DataFrame) -> None:
+    """The OOF contract: every training row exactly once, scored by its own fold's model."""
+    if oof[ID_COLUMN].duplicated().any():
+        raise AssertionError(f"OOF scores repeat ids, first '{oof[ID_COLUMN][oof[ID_COLUMN].duplicated()].iloc[0]}'")
+    merged = folds[[ID_COLUMN, "fold"]].merge(oof, on=ID_COLUMN, how="outer", suffixes=("", "_oof"),
+                                              indicator=True)
+    if (merged["_merge"] != "both").any():
+        bad = merged[merged["_merge"] != "both"].iloc[0]
+        raise AssertionError(f"OOF ids differ from the fold file's, first '{bad[ID_COLUMN]}'")
+    if (merged["fold"] != merged["fold_oof"]).any():
+        bad = merged[merged["fold"] != merged["fold_oof"]].iloc[0]
+        raise AssertionError(f"'{bad[ID_COLUMN]}' scored by fold {bad['fold_oof']}'s model, not {bad['fold']}")
+
+
+def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
+                 art: ArtifactPaths, rt: Runtime) -> dict[str, Any]:
+    """Score each fold's val rows with its own best model (OOF) and the test set with every fold model."""
+    test_images = H5Images(data.test_images) if data.test_images.exists() else None
+    tids = test_ids(data, test_images) if test_images is not None else []
+    test_ds = CropDataset(test_images, tids, None, cfg.image_size) if test_images is not None else None
+    parts, test_sum = [], np.zeros(len(tids))
+    for fold in sorted(folds["fold"].unique()):
+        model = scoring_model(cfg, art.cnn_fold(fold).weights, rt.device)
+        val = folds[folds["fold"] == fold]
+        val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
+        scores = sigmoid(predict_logits(model, val_ds, rt, desc=f"OOF fold {fold}"))
+        parts.append(pd.DataFrame({ID_COLUMN: val_ds.ids, "fold": int(fold), "score": scores}))
+        if test_ds is not None and len(tids):
+            test_sum += sigmoid(predict_logits(model, test_ds, rt, desc=f"test fold {fold}"))
+    oof = pd.concat(parts, ignore_index=True)
+    check_oof(oof, folds)
+    summary = {"oof_pauc": pauc(*_scored(folds, oof)), "oof_auc": roc_auc(*_scored(folds, oof))}
+    if rt.ctx.is_main:
+        with atomic_path(art.oof_cnn) as tmp:
+            oof.to_parquet(tmp, index=False)
+        if test_ds is not None:
+            test = pd.DataFrame({ID_COLUMN: tids, "score": test_sum / folds["fold"].nunique()})
+            with atomic_path(art.test_cnn) as tmp:
+                test.to_parquet(tmp, index=False)
+    barrier(rt.ctx)
+    return summary
+
+
+def _scored(folds: pd.DataFrame, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    merged = folds[[ID_COLUMN, "target"]].merge(oof, on=ID_COLUMN)
+    ok = merged["score"].notna()
+    return merged.loc[ok, "target"].to_numpy(), merged.loc[ok, "score"].to_numpy()
+
+
+# ---- the stage ----------------------------------------------------------------------------------------
+
+
+def check_images(folds: pd.DataFrame, images: H5Images, folds_path: str | os.PathLike[str]) -> None:
+    have = set(images.ids)
+    missing = [i for i in folds[ID_COLUMN] if i not in have]
+    if missing:
+        raise ValueError(f"{images.path}: no crop for {len(missing)} id(s) of {folds_path}, first '{missing[0]}'")
+
+
+def train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[str], cfg: CNNConfig,
+              out: str | os.PathLike[str], folds_only: Sequence[int] | None = None,
+              on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
+    """Train every fold (or `folds_only`), then write oof_cnn.parquet and test_cnn.parquet once all folds
+    of the fold file are done. Returns {"folds": {k: metrics}, "oof_pauc", "oof_auc"} (scores only when
+    written)."""
+    ctx = init_distributed(cfg.device)
+    try:
+        return _train_cnn(data_dir, folds_path, cfg, out, folds_only, on_epoch_end, ctx)
+    finally:
+        if ctx.active and torch_dist.is_initialized():
+            torch_dist.destroy_process_group()
+
+
+def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[str], cfg: CNNConfig,
+               out: str | os.PathLike[str], folds_only: Sequence[int] | None, on_epoch_end: EpochHook | None,
+               ctx: DistContext) -> dict[str, Any]:
+    data, art = DataPaths(data_dir), ArtifactPaths(out)
+    if cfg.cpu_threads > 0:
+        torch.set_num_threads(cfg.cpu_threads)
+    device = resolve_device(cfg.device, ctx)
+    rt = Runtime(cfg, device, amp_dtype(cfg.amp, device), ctx)
+    folds = read_folds(folds_path)
+    images = H5Images(data.train_images)
+    check_images(folds, images, folds_path)
+    all_folds = sorted(int(k) for k in folds["fold"].unique())
+    todo = all_folds if folds_only is None else sorted(set(int(k) for k in folds_only))
+    unknown = sorted(set(todo) - set(all_folds))
+    if unknown:
+        raise ValueError(f"--folds-only {unknown}: {folds_path} has folds {all_folds}")
+    if ctx.is_main:
+        log.info("train-cnn on %s (%s, amp %s, %d process(es)), folds %s", data.root, device, rt.dtype,
+                 ctx.world_size, todo)
+    summary: dict[str, Any] = {"folds": {}}
+    for fold in todo:
+        summary["folds"][fold] = train_fold(fold, folds, images, cfg, art.cnn_fold(fold), rt, on_epoch_end)
+    if all(art.cnn_fold(k).done.exists() for k in all_folds):
+        summary.update(write_scores(data, folds, images, cfg, art, rt))
+    elif ctx.is_main:
+        log.info("not all folds done yet; oof_cnn/test_cnn are written when the last fold finishes")
+    return summary
