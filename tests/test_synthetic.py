@@ -216,6 +216,8 @@ def test_cli_writes_demo(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "24 lesions of 3 patients" in result.output
     assert len(pd.read_csv(DataPaths(out).train_metadata)) == 24
+    again = CliRunner().invoke(app, ["demo-data", str(out), "--patients", "3"])
+    assert again.exit_code == 2 and "not empty" in again.output  # a usage error, not a traceback
 
 
 def test_data_layer_reads_the_demo(demo: DataPaths) -> None:

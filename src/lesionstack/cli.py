@@ -30,13 +30,25 @@ def demo_data_cmd(
         float, typer.Option(help="Mean lesions per patient (about 385 in the real data).")
     ] = 30.0,
     seed: Annotated[int, typer.Option(help="Random seed; the same seed writes the same files.")] = 0,
+    positive_rate: Annotated[
+        float, typer.Option(help="Expected share of malignant lesions (the real data: 0.001).")
+    ] = 0.03,
+    masks: Annotated[int, typer.Option(help="Training crops copied to masks/ with their segmentation.")] = 300,
+    test_fraction: Annotated[float, typer.Option(help="Test patients per training patient.")] = 0.1,
+    workers: Annotated[
+        Optional[int], typer.Option(help="Rendering processes (default: CPU cores); never changes the output.")  # noqa: UP045
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing data set in OUT_DIR.")] = False,
 ) -> None:
     """Write a synthetic data set in exactly the competition's layout, plus masks/ for the segmenter."""
-    from lesionstack.data.synthetic import DemoSpec, write_demo_data
+    from lesionstack.data.synthetic import DemoDataError, DemoSpec, write_demo_data
 
-    spec = DemoSpec(patients=patients, lesions_per_patient=lesions_per_patient, seed=seed)
-    summary = write_demo_data(out_dir, spec, overwrite=overwrite)
+    try:
+        spec = DemoSpec(patients=patients, lesions_per_patient=lesions_per_patient, seed=seed,
+                        positive_rate=positive_rate, mask_count=masks, test_fraction=test_fraction)
+        summary = write_demo_data(out_dir, spec, overwrite=overwrite, workers=workers)
+    except DemoDataError as err:
+        raise typer.BadParameter(str(err)) from err
     typer.echo(summary)
 
 
