@@ -1,0 +1,256 @@
+"""Assemble the report: one function per section, each returning its HTML (and writing its figure)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm.auto import tqdm
+
+from lesionstack.config import load_config, save_config
+from lesionstack.files import write_text
+from lesionstack.metrics import PAUC_CONSTANT, pauc, roc_auc
+from lesionstack.paths import DataPaths
+from lesionstack.report import figures, montage, stats
+from lesionstack.report import html as h
+from lesionstack.report.inputs import MODEL_COLUMNS, MODEL_LABELS, ReportInputs, load_inputs
+
+
+@dataclass
+class ReportConfig:
+    """What the report computes. Defaults suit the real data; a YAML under configs/report/ overrides."""
+
+    stated_sensitivity: float = 0.90  # the confusion matrix is drawn at the threshold reaching this
+    specificity_target: float = 0.95
+    sensitivity_target: float = 0.95
+    n_bootstrap: int = 1000
+    ci_level: float = 0.95
+    seed: int = 0
+    top_features: int = 30
+    montage_per_group: int = 6
+    calibration_bins: int = 10
+    calibration_min_bin: int = 30  # lesions in the finest (top-score) calibration bin
+    dpi: int = 110
+
+
+ROC_MODELS = ("cnn", "tabular", "blend")
+
+
+def write_report(
+    artifacts_root: str | Path, data_dir: str | Path | None = None, out_dir: str | Path | None = None,
+    config: ReportConfig | str | Path | None = None,
+) -> Path:
+    """Write report/index.html (and its PNG figures beside it) for one artifacts root; return the page path.
+
+    `data_dir` (else source.json's) locates the images and demo-truth.csv; `out_dir` defaults to
+    `ArtifactPaths(artifacts_root).report_dir`. Only cv.json and oof_stack.parquet are required.
+    """
+    cfg = config if isinstance(config, ReportConfig) else load_config(ReportConfig, config)
+    inputs = load_inputs(artifacts_root, data_dir)
+    out = Path(out_dir) if out_dir is not None else inputs.paths.report_dir
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [_summary, _roc_section, _table_section, _operating_section, _calibration_section,
+                _importance_section, _image_section, _demo_section]
+    body = [s(inputs, cfg, out) for s in tqdm(sections, desc="report", leave=False)]
+    body.insert(0, _notes_section(inputs))  # last: sections add notes while they render
+    save_config(cfg, out / "config.yaml")
+    meta = f"Artifacts: {inputs.paths.root.resolve()} · written {dt.datetime.now():%Y-%m-%d %H:%M}"
+    page = out / "index.html"
+    write_text(page, h.page("lesionstack evaluation report", meta, body))
+    return page
+
+
+def _notes_section(inputs: ReportInputs) -> str:
+    if not inputs.notes:
+        return ""
+    return h.section("Notes: missing or partial inputs", *(h.note(n) for n in inputs.notes))
+
+
+def _summary(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    oof, cv = inputs.oof, inputs.cv
+    patients = oof["patient_id"].nunique() if "patient_id" in oof else "unknown"
+    rows = [["Training lesions (OOF rows)", len(oof)], ["Positives", int(oof["target"].sum())],
+            ["Patients", patients], ["Folds", cv["n_folds"]]]
+    blend = cv.get("blend") or {}
+    if blend:
+        weights = ", ".join(f"{k} {v:.3g}" for k, v in (blend.get("weights") or {}).items())
+        rows.append(["Blend", f"{blend.get('method', '?')}" + (f" ({weights})" if weights else "")])
+    return h.section("Run", h.table(["", ""], rows))
+
+
+def _roc_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    models = [(m, MODEL_LABELS[m], MODEL_COLUMNS[m]) for m in ROC_MODELS if m in inputs.oof_models]
+    figures.roc_figure(inputs.oof, models, out / "roc.png", cfg.dpi)
+    missing = [MODEL_LABELS[m] for m in ROC_MODELS if m not in inputs.oof_models]
+    parts = [h.figure("roc.png", "ROC of the out-of-fold scores. Faint: one curve per fold; bold: the pooled "
+                      "OOF curve. Shaded: the pAUC region (sensitivity ≥ 80%), whose area is the metric.")]
+    if missing:
+        parts.append(h.note(f"Not in the OOF file, so not drawn: {', '.join(missing)}."))
+    return h.section("1. ROC curves", *parts)
+
+
+def _table_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    cv, oof = inputs.cv, inputs.oof
+    columns = {m: MODEL_COLUMNS[m] for m in inputs.models}
+    inputs.notes.extend(stats.cv_mismatches(oof, cv, columns))
+    groups = oof["patient_id"].to_numpy() if "patient_id" in oof else None
+    cis = {m: stats.bootstrap_ci(oof["target"], oof[col], groups, cfg.n_bootstrap, cfg.ci_level, cfg.seed)
+           for m, col in tqdm(columns.items(), desc="bootstrap", leave=False)}
+    k = cv["n_folds"]
+    level = f"{cfg.ci_level:.0%}"
+    parts = []
+    for key, title in (("pauc", "pAUC above 80% TPR (max 0.2, chance 0.02)"), ("auc", "ROC AUC")):
+        header = ["Model", *(f"fold {i}" for i in range(k)), "mean", "std", "pooled OOF", f"{level} CI"]
+        rows = [_metric_row(m, cv["models"][m], cis[m], key) for m in columns]
+        parts += [f"<h3>{h.esc(title)}</h3>", h.table(header, rows, _blend_rows(columns))]
+    unit = next(iter(cis.values())).unit if cis else "patients"
+    parts.append(h.paragraph(
+        f"Per-fold values, mean and std are cv.json's. The interval is a percentile bootstrap of the pooled OOF "
+        f"score over {cfg.n_bootstrap} resamples of whole {unit} (seed {cfg.seed}): a patient's lesions share "
+        "a skin type and a camera, so resampling lesions would understate the uncertainty."))
+    return h.section("2. Cross-validation", *parts)
+
+
+def _metric_row(model: str, entry: dict, ci: stats.BootstrapCI, key: str) -> list[str]:
+    folds = [f"{v:.4f}" for v in entry[key]]
+    pooled, lo, hi = (ci.pauc, ci.pauc_low, ci.pauc_high) if key == "pauc" else (ci.auc, ci.auc_low, ci.auc_high)
+    mean = entry.get(f"{key}_mean", float(np.mean(entry[key])))
+    std = entry.get(f"{key}_std", float(np.std(entry[key])))
+    return [MODEL_LABELS[model], *folds, f"{mean:.4f}", f"{std:.4f}", f"{pooled:.4f}", f"[{lo:.4f}, {hi:.4f}]"]
+
+
+def _blend_rows(columns: dict[str, str]) -> list[int]:
+    return [i for i, m in enumerate(columns) if m == "blend"]
+
+
+def _operating_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    oof = inputs.oof
+    rows = []
+    for m in inputs.oof_models:
+        op = stats.operating_points(oof["target"], oof[MODEL_COLUMNS[m]], cfg.specificity_target,
+                                    cfg.sensitivity_target)
+        rows.append([MODEL_LABELS[m], f"{op.sens_at_spec:.1%}", f"{op.threshold_at_spec:.4g}",
+                     f"{op.spec_at_sens:.1%}", f"{op.threshold_at_sens:.4g}"])
+    header = ["Model", f"Sensitivity at {cfg.specificity_target:.0%} specificity", "threshold",
+              f"Specificity at {cfg.sensitivity_target:.0%} sensitivity", "threshold"]
+    cm = stats.confusion_at_sensitivity(oof["target"], oof["score"], cfg.stated_sensitivity)
+    return h.section(
+        "3. Operating points (pooled OOF)", h.table(header, rows, _blend_rows(dict.fromkeys(inputs.oof_models))),
+        f"<h3>Blend at the threshold reaching {cfg.stated_sensitivity:.0%} sensitivity "
+        f"(score ≥ {cm.threshold:.4g})</h3>",
+        h.table(["", "predicted malignant", "predicted benign"],
+                [["malignant", cm.tp, cm.fn], ["benign", cm.fp, cm.tn]]),
+        h.paragraph(f"Sensitivity {cm.sensitivity:.1%}, specificity {cm.specificity:.2%}, PPV {cm.ppv:.2%}: "
+                    f"{cm.flagged_per_cancer:.1f} lesions flagged per cancer found. Thresholds pool the fold "
+                    "models' OOF scores, so they are indicative, not a deployable cut-off."),
+    )
+
+
+def _calibration_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    p = inputs.oof["score"].to_numpy(dtype=float)
+    if p.min() < 0 or p.max() > 1:
+        return h.section("4. Calibration", h.note("The blend score is not a probability (outside [0, 1]); "
+                                                   "no calibration curve."))
+    bins = stats.calibration_bins(inputs.oof["target"], p, cfg.calibration_bins, cfg.calibration_min_bin)
+    figures.calibration_figure(bins, out / "calibration.png", cfg.dpi)
+    parts = [h.figure("calibration.png", "Observed malignant rate against the mean blend score per bin; "
+                      "bins are score quantiles that get finer towards the top, where the positives are.")]
+    method = str((inputs.cv.get("blend") or {}).get("method", ""))
+    if "rank" in method.lower():
+        parts.append(h.note(f"The blend method is {method!r}: its score is a rank, not a probability, so this "
+                            "curve shows how risk rises with rank rather than calibration."))
+    table_rows = [[i, f"{r.mean_score:.4g}", int(r.n), int(r.positives), f"{r.observed:.4f}",
+                   f"[{r.low:.4f}, {r.high:.4f}]"] for i, r in enumerate(bins.itertuples())]
+    parts.append(h.table(["bin", "mean score", "lesions", "positives", "observed rate", "Wilson 95%"], table_rows))
+    return h.section("4. Calibration of the blend", *parts)
+
+
+def _importance_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    if inputs.importance is None:
+        return h.section("5. Feature importance", h.note("No stack/feature_importance.csv: section left out."))
+    imp = inputs.importance
+    per_model = (imp.pivot_table(index="feature", columns=["model", "fold"], values="importance", fill_value=0.0)
+                 .T.groupby(level="model").mean().T)
+    per_model["pooled"] = per_model.mean(axis=1)
+    top = per_model.sort_values("pooled", ascending=False).head(cfg.top_features)
+    figures.importance_figure(top, out / "importance.png", cfg.dpi)
+    return h.section("5. Feature importance", h.figure(
+        "importance.png", f"Top {len(top)} features by gain (normalised per model and fold, averaged over "
+        f"folds). Bar: mean over the {per_model.shape[1] - 1} GBDT(s); dots: each model."))
+
+
+def _image_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    parts = [_cnn_part(inputs, cfg, out), _segmenter_part(inputs, cfg, out), _montage_part(inputs, cfg, out)]
+    return h.section("6. Image models", *parts)
+
+
+def _cnn_part(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    if not inputs.cnn_metrics:
+        return h.note("No CNN training curves (no cnn/fold_k/metrics.json).")
+    figures.training_figure(inputs.cnn_metrics, out / "cnn_training.png", cfg.dpi)
+    rows = [[k, m.get("best_epoch"), f"{m.get('best_pauc', float('nan')):.4f}",
+             f"{m.get('best_auc', float('nan')):.4f}", m.get("n_train"), m.get("n_val"),
+             f"{np.median([e.get('images_per_s', np.nan) for e in m['epochs']]):.0f}"]
+            for k, m in sorted(inputs.cnn_metrics.items())]
+    return ("<h3>CNN training per fold</h3>" + h.figure("cnn_training.png", "CNN loss and validation pAUC per "
+            "epoch and fold.") + h.table(["fold", "best epoch", "best pAUC", "best AUC", "train", "val",
+                                          "images/s (median)"], rows))
+
+
+def _segmenter_part(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    m = inputs.segmenter_metrics
+    if m is None:
+        return h.note("No segmenter metrics (segmenter/metrics.json).")
+    rows = [[m.get("encoder"), f"{m['dice']:.4f}", f"{m['iou']:.4f}", m.get("n_train"), m.get("n_val")]]
+    parts = ["<h3>Lesion segmenter</h3>", h.table(["encoder", "Dice", "IoU", "train", "val"], rows)]
+    if m.get("epochs"):
+        figures.segmenter_figure(m, out / "segmenter.png", cfg.dpi)
+        parts.append(h.figure("segmenter.png", "Segmenter training loss and validation Dice / IoU per epoch."))
+    return "".join(parts)
+
+
+def _montage_part(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    images = DataPaths(inputs.data_dir).train_images if inputs.data_dir is not None else None
+    if images is None or not images.exists():
+        return h.note(f"No training images ({images or 'no data folder'}): no crop montage.")
+    groups = montage.pick_crops(inputs.oof, cfg.montage_per_group)
+    ids = [i for g in groups.values() for i in g["isic_id"]]
+    crops = montage.load_crops(images, ids, inputs.notes)
+    masks = montage.predict_lesion_masks(inputs.paths.segmenter.weights, crops, inputs.notes)
+    ranks = inputs.oof.set_index("isic_id")["score"].rank(ascending=False, pct=True)
+    montage.montage_figure(groups, crops, masks, ranks, out / "montage.png", cfg.dpi)
+    caption = ("Crops ranked by the blend score; 'top x%' is the crop's rank among all OOF lesions. "
+               + ("Yellow: predicted lesion outline." if masks else "No predicted mask (see the notes)."))
+    return "<h3>Crops</h3>" + h.figure("montage.png", caption)
+
+
+def _demo_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    if inputs.demo_truth is None:
+        return ""  # real data has no truth file; nothing to say
+    truth = inputs.demo_truth[inputs.demo_truth["split"] == "train"][["isic_id", "probability"]]
+    both = inputs.oof.merge(truth, on="isic_id", how="inner")
+    if both.empty or both["target"].nunique() < 2:
+        return h.section("7. Demo data: best possible pAUC", h.note("demo-truth.csv shares no usable rows."))
+    scores = [("True probability (best possible)", "probability")] + [
+        (MODEL_LABELS[m], MODEL_COLUMNS[m]) for m in inputs.oof_models]
+    best = pauc(both["target"], both["probability"])
+    rows = [_demo_row(label, both, col, best) for label, col in scores]
+    return h.section(
+        "7. Demo data: the pipeline against the best possible",
+        "<h3>Best possible against the pipeline (training rows)</h3>",
+        h.table(["Score", "pooled pAUC", "mean fold pAUC", "pooled AUC", "share of achievable gain"], rows, [0]),
+        h.paragraph("demo-data draws each label from a known probability; ranking by that probability is the "
+                    f"best any model can do on these {len(both)} lesions. Share of achievable gain = "
+                    f"(pAUC − {PAUC_CONSTANT}) / (best − {PAUC_CONSTANT})."))
+
+
+def _demo_row(label: str, frame: pd.DataFrame, col: str, best: float) -> list[str]:
+    pooled = pauc(frame["target"], frame[col])
+    folds = [pauc(g["target"], g[col]) for _, g in frame.groupby("fold") if g["target"].nunique() == 2]
+    gain = (pooled - PAUC_CONSTANT) / (best - PAUC_CONSTANT) if best > PAUC_CONSTANT else float("nan")
+    return [label, f"{pooled:.4f}", f"{np.mean(folds):.4f}", f"{roc_auc(frame['target'], frame[col]):.4f}",
+            f"{gain:.0%}"]
+

@@ -1,0 +1,219 @@
+"""The numbers of the report: fold metrics, the patient-level bootstrap, operating points, calibration bins.
+
+All of them are computed on the pooled out-of-fold scores except the per-fold table, which is cv.json's own
+numbers (checked here against a recomputation from the OOF file).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+from numpy.typing import ArrayLike
+from sklearn.metrics import roc_curve
+
+from lesionstack.metrics import pauc, roc_auc
+
+
+def fold_scores(oof: pd.DataFrame, column: str) -> pd.DataFrame:
+    """pAUC and ROC AUC of `column` within each fold, recomputed from the OOF table."""
+    rows = [
+        {"fold": int(k), "pauc": pauc(g["target"], g[column]), "auc": roc_auc(g["target"], g[column])}
+        for k, g in oof.groupby("fold", sort=True)
+    ]
+    return pd.DataFrame(rows)
+
+
+def cv_mismatches(oof: pd.DataFrame, cv: dict, columns: dict[str, str], tol: float = 1e-6) -> list[str]:
+    """Where cv.json's per-fold numbers differ from the OOF file's (empty when they agree)."""
+    out = []
+    for model, col in columns.items():
+        got = fold_scores(oof, col)
+        for key in ("pauc", "auc"):
+            want = np.asarray(cv["models"][model][key], dtype=float)
+            diff = np.abs(got[key].to_numpy() - want) if len(want) == len(got) else np.array([np.inf])
+            if (diff > tol).any():
+                out.append(f"cv.json models.{model}.{key} differs from oof_stack.parquet by up to {diff.max():.2g}")
+    return out
+
+
+# ---- patient-level bootstrap --------------------------------------------------------------------------
+
+
+class WeightedROC:
+    """ROC curves of one score vector under many row weightings, with a single sort.
+
+    A bootstrap resample that draws patient i c_i times equals weighting that patient's rows by c_i, so
+    every resample costs two cumulative sums instead of a sort (fast on the real 401k rows). The curve is
+    built on the metric's flipped problem (labels 1 - y, scores -p); with integer weights it matches
+    `lesionstack.metrics.pauc` on the repeated rows exactly (the tests check it).
+    """
+
+    def __init__(self, y_true: ArrayLike, y_score: ArrayLike) -> None:
+        y = np.asarray(y_true, dtype=float)
+        p = np.asarray(y_score, dtype=float)
+        self.order = np.argsort(p, kind="mergesort")  # ascending p = descending -p
+        self.flipped_pos = 1.0 - y[self.order]
+        ps = p[self.order]
+        self.ends = np.r_[np.flatnonzero(np.diff(ps)), ps.size - 1]  # last row of each distinct score
+
+    def curve(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        w = weights[self.order]
+        tps = np.cumsum(w * self.flipped_pos)[self.ends]
+        fps = np.cumsum(w * (1.0 - self.flipped_pos))[self.ends]
+        return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
+
+    def scores(self, weights: np.ndarray, min_tpr: float = 0.8) -> tuple[float, float]:
+        """(pAUC above `min_tpr`, ROC AUC) under `weights`."""
+        fpr, tpr = self.curve(weights)
+        return _partial_area(fpr, tpr, 1.0 - min_tpr), float(np.trapezoid(tpr, fpr))
+
+
+def _partial_area(fpr: np.ndarray, tpr: np.ndarray, max_fpr: float) -> float:
+    # the official cut: keep the curve up to max_fpr, add one linearly interpolated point, trapezoid rule
+    stop = np.searchsorted(fpr, max_fpr, side="right")
+    if stop < fpr.size:
+        y_cut = np.interp(max_fpr, fpr[stop - 1 : stop + 1], tpr[stop - 1 : stop + 1])
+    else:
+        y_cut = tpr[-1]
+    return float(np.trapezoid(np.r_[tpr[:stop], y_cut], np.r_[fpr[:stop], max_fpr]))
+
+
+@dataclass(frozen=True)
+class BootstrapCI:
+    """Percentile interval of pooled-OOF pAUC and AUC over resampled patients."""
+
+    pauc: float
+    pauc_low: float
+    pauc_high: float
+    auc: float
+    auc_low: float
+    auc_high: float
+    n_resamples: int
+    unit: str  # "patients" or "lesions"
+
+
+def bootstrap_ci(
+    y_true: ArrayLike, y_score: ArrayLike, groups: ArrayLike | None, n_resamples: int = 1000,
+    level: float = 0.95, seed: int = 0,
+) -> BootstrapCI:
+    """Bootstrap CI resampling whole patients (`groups`), or lesions when `groups` is None. Seeded.
+
+    Resamples that draw no positive (or no negative) lesion are redrawn: pAUC is undefined on them.
+    """
+    y = np.asarray(y_true, dtype=float)
+    codes = pd.factorize(np.asarray(groups))[0] if groups is not None else np.arange(y.size)
+    n_groups = int(codes.max()) + 1
+    roc = WeightedROC(y, y_score)
+    rng = np.random.default_rng(seed)
+    stats, tries = [], 0
+    while len(stats) < n_resamples and tries < 10 * n_resamples:
+        tries += 1
+        w = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[codes].astype(float)
+        n_pos = float(w @ y)
+        if 0 < n_pos < w.sum():
+            stats.append(roc.scores(w))
+    arr = np.asarray(stats)
+    lo, hi = np.quantile(arr, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    return BootstrapCI(
+        pauc=pauc(y, y_score), pauc_low=float(lo[0]), pauc_high=float(hi[0]),
+        auc=roc_auc(y, y_score), auc_low=float(lo[1]), auc_high=float(hi[1]),
+        n_resamples=len(stats), unit="patients" if groups is not None else "lesions",
+    )
+
+
+# ---- operating points ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OperatingPoints:
+    sens_at_spec: float
+    spec_target: float
+    threshold_at_spec: float
+    spec_at_sens: float
+    sens_target: float
+    threshold_at_sens: float
+
+
+def operating_points(y_true: ArrayLike, y_score: ArrayLike, spec_target: float = 0.95,
+                     sens_target: float = 0.95) -> OperatingPoints:
+    """Sensitivity at a fixed specificity and specificity at a fixed sensitivity (pooled OOF)."""
+    fpr, tpr, thr = roc_curve(y_true, y_score, drop_intermediate=False)
+    ok_spec = np.flatnonzero(fpr <= 1 - spec_target + 1e-12)
+    i = ok_spec[np.argmax(tpr[ok_spec])]
+    j = int(np.flatnonzero(tpr >= sens_target - 1e-12)[0])
+    return OperatingPoints(
+        sens_at_spec=float(tpr[i]), spec_target=spec_target, threshold_at_spec=float(thr[i]),
+        spec_at_sens=float(1 - fpr[j]), sens_target=sens_target, threshold_at_sens=float(thr[j]),
+    )
+
+
+@dataclass(frozen=True)
+class Confusion:
+    threshold: float
+    stated_sensitivity: float
+    tp: int
+    fn: int
+    fp: int
+    tn: int
+
+    @property
+    def sensitivity(self) -> float:
+        return self.tp / max(self.tp + self.fn, 1)
+
+    @property
+    def specificity(self) -> float:
+        return self.tn / max(self.tn + self.fp, 1)
+
+    @property
+    def ppv(self) -> float:
+        return self.tp / max(self.tp + self.fp, 1)
+
+    @property
+    def flagged_per_cancer(self) -> float:
+        """Lesions flagged per cancer found (the number a clinician would biopsy or review)."""
+        return (self.tp + self.fp) / max(self.tp, 1)
+
+
+def confusion_at_sensitivity(y_true: ArrayLike, y_score: ArrayLike, sensitivity: float = 0.9) -> Confusion:
+    """Confusion matrix at the highest threshold whose sensitivity reaches `sensitivity` (score >= t)."""
+    y = np.asarray(y_true, dtype=int)
+    p = np.asarray(y_score, dtype=float)
+    _, tpr, thr = roc_curve(y, p, drop_intermediate=False)
+    t = float(thr[int(np.flatnonzero(tpr >= sensitivity - 1e-12)[0])])
+    pred = p >= t
+    return Confusion(
+        threshold=t, stated_sensitivity=sensitivity,
+        tp=int((pred & (y == 1)).sum()), fn=int((~pred & (y == 1)).sum()),
+        fp=int((pred & (y == 0)).sum()), tn=int((~pred & (y == 0)).sum()),
+    )
+
+
+# ---- calibration --------------------------------------------------------------------------------------
+
+
+def calibration_bins(y_true: ArrayLike, y_score: ArrayLike, n_bins: int = 10, min_bin: int = 30) -> pd.DataFrame:
+    """Quantile bins that get finer towards the top scores, where the rare positives are.
+
+    Bin edges sit at the score quantiles 1 - f for f geometric from 1 down to min_bin / n, so the top bin
+    still holds about `min_bin` lesions. Returns per bin: n, positives, mean score, observed rate and its
+    Wilson 95% interval.
+    """
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(y_score, dtype=float)
+    tail = np.geomspace(1.0, min(1.0, max(min_bin / p.size, 1e-6)), n_bins)
+    edges = np.unique(np.quantile(p, np.r_[1.0 - tail, 1.0]))
+    idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, max(edges.size - 2, 0))
+    frame = pd.DataFrame({"bin": idx, "y": y, "p": p}).groupby("bin")
+    out = frame.agg(n=("y", "size"), positives=("y", "sum"), mean_score=("p", "mean")).reset_index()
+    out["observed"] = out["positives"] / out["n"]
+    out["low"], out["high"] = _wilson(out["positives"].to_numpy(), out["n"].to_numpy())
+    return out
+
+
+def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+    phat = k / n
+    centre = (phat + z**2 / (2 * n)) / (1 + z**2 / n)
+    half = z * np.sqrt(phat * (1 - phat) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
+    return np.maximum(centre - half, 0.0), np.minimum(centre + half, 1.0)

@@ -1,0 +1,323 @@
+"""The evaluation report: rendered from small, well-formed artifacts built in tmp_path."""
+
+from __future__ import annotations
+
+import io
+import re
+import shutil
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+import simplejpeg
+from PIL import Image
+
+from lesionstack.config import save_config
+from lesionstack.files import read_json, write_json
+from lesionstack.metrics import pauc, roc_auc
+from lesionstack.paths import ArtifactPaths, DataPaths
+from lesionstack.report import ReportConfig, ReportError, write_report
+from lesionstack.report.stats import (
+    WeightedROC,
+    bootstrap_ci,
+    calibration_bins,
+    confusion_at_sensitivity,
+    operating_points,
+)
+
+N_FOLDS = 5
+FAST = ReportConfig(n_bootstrap=200, montage_per_group=4, dpi=60)
+SCORE_COLUMNS = {"lgbm": "score_lgbm", "catboost": "score_catboost", "xgboost": "score_xgboost",
+                 "tabular": "score_tabular", "cnn": "score_cnn", "blend": "score"}
+ALL_FIGURES = ["roc.png", "calibration.png", "importance.png", "cnn_training.png", "segmenter.png", "montage.png"]
+
+
+# ---- building artifacts ---------------------------------------------------------------------------------
+
+
+def _oof(rng: np.random.Generator, n_patients: int = 60) -> pd.DataFrame:
+    """Lesions clustered in patients; every model's score carries signal plus a shared patient offset."""
+    sizes = rng.integers(8, 25, n_patients)
+    patient = np.repeat(np.arange(n_patients), sizes)
+    offset = rng.normal(0, 1.0, n_patients)[patient]
+    truth = 1 / (1 + np.exp(-(-4.0 + 1.2 * offset + rng.normal(0, 1.0, patient.size))))
+    target = (rng.random(patient.size) < truth).astype(int)
+    frame = pd.DataFrame({"isic_id": [f"ISIC_{i:07d}" for i in range(patient.size)],
+                          "patient_id": [f"IP_{p:06d}" for p in patient], "fold": patient % N_FOLDS,
+                          "target": target, "truth": truth})
+    for name, strength in (("lgbm", 2.0), ("catboost", 2.2), ("xgboost", 1.9), ("tabular", 1.6), ("cnn", 1.0)):
+        logit = -3.0 + strength * target + 0.8 * offset + rng.normal(0, 1.0, patient.size)
+        frame[f"score_{name}"] = 1 / (1 + np.exp(-logit))
+    frame["score"] = frame[["score_lgbm", "score_catboost", "score_xgboost"]].mean(axis=1)
+    assert frame.groupby("fold")["target"].sum().min() >= 2, "fixture needs positives in every fold"
+    return frame
+
+
+def _cv(oof: pd.DataFrame) -> dict:
+    models = {}
+    for name, col in SCORE_COLUMNS.items():
+        folds = [g for _, g in oof.groupby("fold")]
+        p = [pauc(g["target"], g[col]) for g in folds]
+        a = [roc_auc(g["target"], g[col]) for g in folds]
+        models[name] = {"pauc": p, "pauc_mean": float(np.mean(p)), "pauc_std": float(np.std(p)), "auc": a,
+                        "auc_mean": float(np.mean(a)), "auc_std": float(np.std(a)),
+                        "pauc_oof": pauc(oof["target"], oof[col])}
+    return {"metric": "pauc", "n_folds": N_FOLDS, "n_rows": len(oof), "n_positives": int(oof["target"].sum()),
+            "models": models, "blend": {"method": "mean", "weights": {"lgbm": 1 / 3, "catboost": 1 / 3,
+                                                                      "xgboost": 1 / 3}}}
+
+
+def _importance(rng: np.random.Generator) -> pd.DataFrame:
+    features = [f"feature_{i:02d}_patient_norm" for i in range(40)]
+    rows = []
+    for model in ("lgbm", "catboost", "xgboost"):
+        for fold in range(N_FOLDS):
+            gain = rng.gamma(1.0, 1.0, len(features)) * np.linspace(3, 0.2, len(features))
+            rows += [(model, fold, f, g) for f, g in zip(features, gain / gain.sum())]
+    return pd.DataFrame(rows, columns=["model", "fold", "feature", "importance"])
+
+
+def _cnn_metrics(rng: np.random.Generator) -> dict:
+    epochs = [{"epoch": e, "train_loss": 0.6 / (e + 1), "val_loss": 0.5 / (e + 1) + 0.05 * rng.random(),
+               "val_pauc": 0.05 + 0.02 * e + 0.01 * rng.random(), "val_auc": 0.7 + 0.03 * e,
+               "images_per_s": 300.0 + e, "lr": 1e-4} for e in range(4)]
+    return {"epochs": epochs, "best_epoch": 3, "best_pauc": epochs[3]["val_pauc"], "best_auc": 0.79,
+            "n_train": 800, "n_val": 200}
+
+
+def _crop(rng: np.random.Generator) -> np.ndarray:
+    """Skin-coloured square with a darker blob, 40 to 72 px (crop sizes vary in the real data)."""
+    side = int(rng.integers(40, 72))
+    yy, xx = np.mgrid[:side, :side]
+    blob = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 4) ** 2
+    img = np.empty((side, side, 3), np.uint8)
+    img[:] = (214, 170, 150)
+    img[blob] = (110, 70, 60)
+    return np.clip(img + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+def _write_images(path: Path, ids: list[str], rng: np.random.Generator) -> None:
+    with h5py.File(path, "w") as h5:
+        for isic_id in ids:
+            h5[isic_id] = np.bytes_(simplejpeg.encode_jpeg(_crop(rng), quality=90))
+
+
+def _write_segmenter(folder: Path) -> None:
+    from lesionstack._compat import ensure_timm_importable
+
+    ensure_timm_importable()
+    from lesionstack.models import build_segmenter, save_segmenter
+
+    cfg = {"encoder": "test_resnet", "decoder_channels": [16, 8, 8, 8, 8]}
+    model = build_segmenter(cfg["encoder"], decoder_channels=tuple(cfg["decoder_channels"]))
+    save_segmenter(model, folder / "model.pt")
+    save_config(cfg, folder / "config.yaml")
+
+
+def make_artifacts(root: Path, *, full: bool = True, seed: int = 0) -> ArtifactPaths:
+    """cv.json and oof_stack.parquet always; with `full` every optional input the report reads too."""
+    rng = np.random.default_rng(seed)
+    paths = ArtifactPaths(root / "artifacts")
+    oof = _oof(rng)
+    paths.root.mkdir(parents=True)
+    oof.drop(columns=["patient_id", "truth"]).to_parquet(paths.oof_stack)
+    write_json(paths.cv_json, _cv(oof))
+    if not full:
+        return paths
+    oof[["isic_id", "patient_id", "target", "fold"]].to_csv(paths.folds, index=False)
+    paths.stack_dir.mkdir(parents=True)
+    _importance(rng).to_csv(paths.feature_importance, index=False)
+    for k in range(N_FOLDS):
+        write_json(paths.cnn_fold(k).metrics, _cnn_metrics(rng))
+    seg = [{"epoch": e, "train_loss": 0.5 / (e + 1), "val_dice": 0.6 + 0.05 * e, "val_iou": 0.45 + 0.05 * e}
+           for e in range(5)]
+    write_json(paths.segmenter.metrics, {"dice": 0.8, "iou": 0.65, "epochs": seg, "n_train": 40, "n_val": 10,
+                                         "encoder": "test_resnet"})
+    _write_segmenter(paths.segmenter.dir)
+    data = DataPaths(root / "data")
+    data.root.mkdir()
+    _write_images(data.train_images, list(oof["isic_id"]), rng)
+    truth = oof[["isic_id", "target"]].assign(split="train", probability=oof["truth"])
+    truth.to_csv(data.demo_truth, index=False)
+    write_json(paths.source, {"data_dir": str(data.root)})
+    return paths
+
+
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactPaths, Path]:
+    paths = make_artifacts(tmp_path_factory.mktemp("full"))
+    return paths, write_report(paths.root, config=FAST)
+
+
+# ---- checks ---------------------------------------------------------------------------------------------
+
+
+def _assert_real_png(path: Path) -> None:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    with Image.open(io.BytesIO(data)) as img:
+        img.load()
+        assert img.width >= 200 and img.height >= 150, f"{path}: {img.size} is too small"
+        assert len(img.convert("L").getcolors(maxcolors=1 << 20) or [0, 0]) > 20, f"{path} is near one colour"
+
+
+def _table_rows(page: str, title: str) -> dict[str, list[str]]:
+    """The rows of the table following <h3>title</h3>, keyed by their first cell."""
+    block = page.split(f"<h3>{title}</h3>", 1)[1].split("</table>", 1)[0]
+    rows = {}
+    for row in re.findall(r"<tr[^>]*>(.*?)</tr>", block):
+        cells = re.findall(r"<td>(.*?)</td>", row)
+        if cells:
+            rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_every_figure_is_a_real_png_and_the_page_is_offline(full_report):
+    paths, page_path = full_report
+    assert page_path == paths.report_html
+    page = page_path.read_text()
+    for name in ALL_FIGURES:
+        assert f'src="{name}"' in page, f"{name} not referenced"
+        _assert_real_png(paths.report_dir / name)
+    assert not re.search(r"(src|href)=\"(https?:)?//", page), "page references a remote asset"
+    assert "<script" not in page
+    for src in re.findall(r'src="([^"]+)"', page):
+        assert (paths.report_dir / src).is_file(), f"{src} is referenced but missing"
+    assert "Yellow: predicted lesion outline" in page  # the segmenter's masks were drawn
+
+
+def test_table_numbers_equal_cv_json(full_report):
+    paths, page_path = full_report
+    page, cv = page_path.read_text(), read_json(paths.cv_json)
+    labels = {"blend": "Stacked blend", "lgbm": "LightGBM", "catboost": "CatBoost", "xgboost": "XGBoost",
+              "tabular": "Tabular only", "cnn": "CNN alone"}
+    for key, title in (("pauc", "pAUC above 80% TPR (max 0.2, chance 0.02)"), ("auc", "ROC AUC")):
+        rows = _table_rows(page, title)
+        assert set(rows) == set(labels.values())
+        for model, label in labels.items():
+            entry = cv["models"][model]
+            want = [f"{v:.4f}" for v in entry[key]] + [f"{entry[f'{key}_mean']:.4f}", f"{entry[f'{key}_std']:.4f}"]
+            assert rows[label][: N_FOLDS + 2] == want, (model, key)
+            if key == "pauc":
+                assert rows[label][N_FOLDS + 2] == f"{entry['pauc_oof']:.4f}"
+    assert "cv.json models." not in page  # no mismatch note: the OOF file agrees with cv.json
+
+
+def test_demo_section_shows_the_best_possible_pauc(full_report):
+    paths, page_path = full_report
+    rows = _table_rows(page_path.read_text(), "Best possible against the pipeline (training rows)")
+    oof = pd.read_parquet(paths.oof_stack)
+    truth = pd.read_csv(DataPaths(read_json(paths.source)["data_dir"]).demo_truth)
+    best = pauc(oof["target"], oof.merge(truth, on="isic_id")["probability"])
+    assert rows["True probability (best possible)"][0] == f"{best:.4f}"
+    assert rows["Stacked blend"][0] == f"{pauc(oof['target'], oof['score']):.4f}"
+
+
+def test_missing_pieces_give_notes_not_crashes(tmp_path):
+    paths = make_artifacts(tmp_path, full=False)
+    page = write_report(paths.root, config=FAST).read_text()
+    for expected in ("No feature importance", "No CNN training curves", "No segmenter metrics",
+                     "No data folder", "No patient ids found", "resamples of whole lesions"):
+        assert expected in page, expected
+    made = sorted(p.name for p in paths.report_dir.glob("*.png"))
+    assert made == ["calibration.png", "roc.png"]
+
+
+def test_missing_segmenter_weights_shows_bare_crops_with_a_note(full_report, tmp_path):
+    paths, _ = full_report
+    bare = ArtifactPaths(tmp_path / "artifacts")
+    shutil.copytree(paths.root, bare.root, ignore=shutil.ignore_patterns("model.pt", "report"))
+    page = write_report(bare.root, config=FAST).read_text()
+    assert "No segmenter weights at" in page
+    assert "No predicted mask" in page
+    _assert_real_png(bare.report_dir / "montage.png")
+
+
+def test_cv_json_disagreeing_with_the_oof_file_is_flagged(tmp_path):
+    paths = make_artifacts(tmp_path, full=False)
+    cv = read_json(paths.cv_json)
+    cv["models"]["lgbm"]["pauc"][2] += 0.01
+    write_json(paths.cv_json, cv)
+    page = write_report(paths.root, config=FAST).read_text()
+    assert "cv.json models.lgbm.pauc differs from oof_stack.parquet" in page
+
+
+def test_required_inputs_fail_clearly(tmp_path):
+    with pytest.raises(ReportError, match="cv.json: not found"):
+        write_report(tmp_path / "nothing")
+    paths = make_artifacts(tmp_path, full=False)
+    oof = pd.read_parquet(paths.oof_stack)
+    oof.loc[7, "target"] = 2
+    oof.to_parquet(paths.oof_stack)
+    with pytest.raises(ReportError, match=r"oof_stack.parquet: column 'target' row 7"):
+        write_report(paths.root)
+
+
+def test_cli_writes_the_report(tmp_path):
+    from typer.testing import CliRunner
+
+    from lesionstack.cli import app
+
+    paths = make_artifacts(tmp_path, full=False)
+    cfg = tmp_path / "report.yaml"
+    cfg.write_text("n_bootstrap: 50\ndpi: 50\n")
+    out = tmp_path / "elsewhere"
+    result = CliRunner().invoke(app, ["report", str(paths.root), "--out", str(out), "--config", str(cfg)])
+    assert result.exit_code == 0, result.output
+    assert (out / "index.html").is_file() and (out / "roc.png").is_file()
+    assert str(out / "index.html") in result.output
+
+
+# ---- the numbers ----------------------------------------------------------------------------------------
+
+
+def test_weighted_roc_equals_the_metric_on_repeated_rows():
+    rng = np.random.default_rng(3)
+    y = (rng.random(300) < 0.1).astype(int)
+    p = np.round(rng.random(300) + y * 0.5, 2)  # rounded: many ties, as with real model scores
+    roc = WeightedROC(y, p)
+    for _ in range(5):
+        w = rng.integers(0, 3, y.size)
+        rows = np.repeat(np.arange(y.size), w)
+        got_p, got_a = roc.scores(w.astype(float))
+        assert got_p == pytest.approx(pauc(y[rows], p[rows]), abs=1e-12)
+        assert got_a == pytest.approx(roc_auc(y[rows], p[rows]), abs=1e-12)
+
+
+def test_patient_bootstrap_contains_the_estimate_is_seeded_and_resamples_patients():
+    oof = _oof(np.random.default_rng(1), n_patients=80)
+    y, p, g = oof["target"], oof["score"], oof["patient_id"]
+    ci = bootstrap_ci(y, p, g, n_resamples=300, seed=5)
+    assert ci.pauc_low <= ci.pauc <= ci.pauc_high and ci.auc_low <= ci.auc <= ci.auc_high
+    assert ci.pauc == pytest.approx(pauc(y, p)) and ci.unit == "patients" and ci.n_resamples == 300
+    assert bootstrap_ci(y, p, g, n_resamples=300, seed=5) == ci
+    assert bootstrap_ci(y, p, g, n_resamples=300, seed=6) != ci
+    # scores share a per-patient offset, so whole-patient resampling must give a wider interval
+    lesion = bootstrap_ci(y, p, None, n_resamples=300, seed=5)
+    assert lesion.unit == "lesions"
+    assert (ci.auc_high - ci.auc_low) > (lesion.auc_high - lesion.auc_low)
+
+
+def test_operating_points_and_confusion_matrix_on_a_worked_example():
+    y = np.array([0, 0, 0, 0, 0, 0, 0, 0, 1, 1])
+    p = np.array([0.1, 0.2, 0.3, 0.35, 0.4, 0.5, 0.6, 0.95, 0.55, 0.9])
+    cm = confusion_at_sensitivity(y, p, sensitivity=1.0)
+    assert (cm.threshold, cm.tp, cm.fn, cm.fp, cm.tn) == (0.55, 2, 0, 2, 6)
+    cm = confusion_at_sensitivity(y, p, sensitivity=0.5)
+    assert (cm.threshold, cm.tp, cm.fn, cm.fp, cm.tn) == (0.9, 1, 1, 1, 7)
+    op = operating_points(y, p, spec_target=0.85, sens_target=1.0)
+    assert op.sens_at_spec == 0.5  # one false positive (12.5%) allowed: 0.95 then 0.9 -> one cancer found
+    assert op.spec_at_sens == pytest.approx(6 / 8)
+
+
+def test_calibration_bins_are_finer_at_the_top():
+    rng = np.random.default_rng(0)
+    p = rng.random(5000) ** 3
+    y = (rng.random(5000) < p).astype(int)
+    bins = calibration_bins(y, p, n_bins=10, min_bin=50)
+    assert bins["n"].sum() == 5000
+    assert bins["n"].iloc[-1] < bins["n"].iloc[0] and bins["n"].iloc[-1] >= 40
+    assert bins["mean_score"].is_monotonic_increasing
+    assert ((bins["low"] <= bins["observed"]) & (bins["observed"] <= bins["high"])).all()
