@@ -22,6 +22,7 @@ writes byte-identical files, whatever the number of worker processes.
 
 from __future__ import annotations
 
+import functools
 import io
 import multiprocessing
 import os
@@ -74,7 +75,7 @@ _MITOTIC = ("<1/mm^2", "1/mm^2", "2/mm^2", "3/mm^2", ">4/mm^2")
 
 # Columns the renderer needs, taken from the metadata plus the hidden image cue.
 _RENDER_COLUMNS = ("size_px", "major_mm", "minor_mm", "angle", "norm_border", "color_std", "stdL",
-                   "L", "A", "B", "Lext", "Aext", "Bext", "veil", "write_mask")
+                   "skin_r", "skin_g", "skin_b", "lesion_r", "lesion_g", "lesion_b", "veil", "write_mask")
 
 
 class DemoDataError(ValueError):
@@ -372,19 +373,22 @@ def _draw_index(rng: np.random.Generator, table: tuple[tuple[str, float], ...], 
 
 def _render_params(rng: np.random.Generator, rows: pd.DataFrame, z: dict[str, np.ndarray], spec: DemoSpec,
                    is_train: np.ndarray) -> pd.DataFrame:
-    """Per-row inputs of `render_lesion`: crop size, lesion geometry and colour, veil strength."""
+    """Per-row inputs of `render_lesion`: crop size, lesion geometry, skin and lesion RGB, veil strength."""
     n = len(rows)
     size = np.clip(np.round(130 * np.exp(rng.normal(0, 0.25, n))), 60, 240).astype(np.int64)
     write_mask = np.zeros(n, dtype=bool)
     train_rows = np.flatnonzero(is_train)
     k = min(spec.mask_count, len(train_rows))
     write_mask[rng.choice(train_rows, size=k, replace=False)] = True
+    skin = lab_to_rgb(rows[["tbp_lv_Lext", "tbp_lv_Aext", "tbp_lv_Bext"]].to_numpy(dtype=float))
+    lesion = lab_to_rgb(rows[["tbp_lv_L", "tbp_lv_A", "tbp_lv_B"]].to_numpy(dtype=float))
     return pd.DataFrame({
         "size_px": size, "major_mm": rows["clin_size_long_diam_mm"], "minor_mm": rows["tbp_lv_minorAxisMM"],
         "angle": np.radians(rows["tbp_lv_symm_2axis_angle"].to_numpy(dtype=float)),
         "norm_border": rows["tbp_lv_norm_border"], "color_std": rows["tbp_lv_color_std_mean"],
-        "stdL": rows["tbp_lv_stdL"], "L": rows["tbp_lv_L"], "A": rows["tbp_lv_A"], "B": rows["tbp_lv_B"],
-        "Lext": rows["tbp_lv_Lext"], "Aext": rows["tbp_lv_Aext"], "Bext": rows["tbp_lv_Bext"],
+        "stdL": rows["tbp_lv_stdL"],
+        "skin_r": skin[:, 0], "skin_g": skin[:, 1], "skin_b": skin[:, 2],
+        "lesion_r": lesion[:, 0], "lesion_g": lesion[:, 1], "lesion_b": lesion[:, 2],
         # veil strength in [0, 1]: faint or absent for most lesions, strong when the cue is high
         "veil": _sigmoid(1.6 * (z["cue"] - 1.0)), "write_mask": write_mask,
     })
@@ -405,14 +409,27 @@ def lab_to_rgb(lab: np.ndarray) -> np.ndarray:
     return srgb * 255
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, grid: int) -> np.ndarray:
-    """Low-frequency noise: a grid x grid normal field, bilinearly upsampled to size x size (float32)."""
+def _smooth_noise(rng: np.random.Generator, size: int, grid: int, height: int | None = None) -> np.ndarray:
+    """Low-frequency noise: a grid x grid normal field, bilinearly upsampled to (height or size) x size."""
     g = rng.standard_normal((grid, grid), dtype=np.float32)
-    pos = np.linspace(0, grid - 1, size, dtype=np.float32)
+    return _upsampler(height or size, grid) @ g @ _upsampler(size, grid).T
+
+
+@functools.cache
+def _upsampler(size: int, grid: int) -> np.ndarray:
+    """The (size, grid) matrix of bilinear interpolation weights (crop sizes repeat: cached)."""
+    pos = np.linspace(0, grid - 1, size)
     i0 = np.minimum(pos.astype(np.int64), grid - 2)
-    w = pos - i0
-    rows = g[i0] * (1 - w)[:, None] + g[i0 + 1] * w[:, None]  # (size, grid)
-    return np.ascontiguousarray(rows[:, i0] * (1 - w) + rows[:, i0 + 1] * w)
+    w = np.zeros((size, grid), dtype=np.float32)
+    w[np.arange(size), i0] = 1 - (pos - i0)
+    w[np.arange(size), i0 + 1] = pos - i0
+    return w
+
+
+@functools.cache
+def _grain() -> np.ndarray:
+    """A fixed field of sensor noise; each crop takes a random window of it (cheaper than fresh normals)."""
+    return np.random.default_rng(2024).normal(0, 3.0, (512, 512)).astype(np.float32)
 
 
 _ANGLES = 256  # resolution of the border's radius table
@@ -425,12 +442,12 @@ def render_lesion(p: dict[str, float], rng: np.random.Generator) -> tuple[np.nda
     its bounding box, in float32: this is the inner loop of a 400,000-image data set.
     """
     s = int(p["size_px"])
-    skin = lab_to_rgb(np.array([p["Lext"], p["Aext"], p["Bext"]])).astype(np.float32)
+    skin = np.array([p["skin_r"], p["skin_g"], p["skin_b"]], dtype=np.float32)
     # broad shading plus finer mottling: skin is never flat
     shade = (1 + np.float32(0.04) * _smooth_noise(rng, s, 5)
              + np.float32(0.025) * _smooth_noise(rng, s, max(6, s // 8)))[..., None]
-    img = shade * skin
-    img += rng.standard_normal((s, s), dtype=np.float32)[..., None] * np.float32(3.0)  # sensor noise
+    oy, ox = rng.integers(0, 512 - s, 2)
+    img = shade * skin + _grain()[oy:oy + s, ox:ox + s, None]  # sensor noise
     mask = np.zeros((s, s), dtype=bool)
     scale = s / CROP_MM
     a, b = max(1.5, 0.5 * p["major_mm"] * scale), max(1.2, 0.5 * p["minor_mm"] * scale)
@@ -451,9 +468,9 @@ def render_lesion(p: dict[str, float], rng: np.random.Generator) -> tuple[np.nda
     alpha = np.clip(edge / soft + np.float32(0.5), 0, 1)[..., None]
     mask[y0:y1, x0:x1] = edge > 0
 
-    lesion = lab_to_rgb(np.array([p["L"], p["A"], p["B"]])).astype(np.float32)
+    lesion = np.array([p["lesion_r"], p["lesion_g"], p["lesion_b"]], dtype=np.float32)
     centre = 1 - np.float32(0.04 * p["stdL"]) * np.clip(1 - rho, 0, 1)  # darker core
-    blotch = np.float32(0.07 * p["color_std"]) * _smooth_noise(rng, max(y1 - y0, x1 - x0), 4)[: y1 - y0, : x1 - x0]
+    blotch = np.float32(0.07 * p["color_std"]) * _smooth_noise(rng, x1 - x0, 4, y1 - y0)
     tint = np.array([1.0, 0.7, 0.6], dtype=np.float32)  # colour variation leans red-brown
     body = lesion * (centre[..., None] + blotch[..., None] * tint) * shade[y0:y1, x0:x1]
     box = img[y0:y1, x0:x1]
@@ -504,12 +521,15 @@ def _png(mask: np.ndarray) -> bytes:
 
 def _render_chunk(task: tuple[int, int, dict[str, np.ndarray], int]) -> list[tuple[bytes, bytes | None]]:
     """Render rows [start, start + len) of one split; each row has its own seeded stream."""
+    from threadpoolctl import threadpool_limits  # installed with scikit-learn
+
     seed, start, cols, quality = task
     out = []
-    for i in range(len(cols["size_px"])):
-        p = {name: values[i] for name, values in cols.items()}
-        img, mask = render_lesion(p, np.random.default_rng([seed, 1, start + i]))
-        out.append((_encode(img, quality), _png(mask) if p["write_mask"] else None))
+    with threadpool_limits(1):  # tiny matrix products: BLAS threads would cost 4x more than they save
+        for i in range(len(cols["size_px"])):
+            p = {name: values[i] for name, values in cols.items()}
+            img, mask = render_lesion(p, np.random.default_rng([seed, 1, start + i]))
+            out.append((_encode(img, quality), _png(mask) if p["write_mask"] else None))
     return out
 
 
