@@ -43,7 +43,7 @@ from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import read_folds
 from lesionstack.metrics import MetricError, pauc, roc_auc
-from lesionstack.models import ModelConfig, build_model, param_groups
+from lesionstack.models import ModelConfig, build_model, is_segmenter_checkpoint, param_groups
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 
 log = logging.getLogger(__name__)
@@ -247,9 +247,10 @@ def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, dataset: CropDataset, rt: Runtime, indices: Sequence[int] | None = None,
-                   desc: str = "score") -> np.ndarray:
+                   desc: str = "score", tta: bool | None = None) -> np.ndarray:
     """Logits for `indices` of `dataset` (all by default) as an array over the whole dataset (NaN elsewhere).
 
+    `tta` (default: the config's `tta_hflip`) averages the logits of each image and its mirror.
     Under DDP each rank scores a strided shard and the shards are gathered, so every rank returns the
     same array. Skipped corrupt crops stay NaN.
     """
@@ -265,7 +266,7 @@ def predict_logits(model: nn.Module, dataset: CropDataset, rt: Runtime, indices:
         x = rt.finish(rt.prepare(batch.images))
         with rt.autocast():
             logits = model(x).float()
-            if rt.cfg.tta_hflip:
+            if rt.cfg.tta_hflip if tta is None else tta:
                 logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float())
         found_idx.append(batch.index.numpy())
         found_logit.append(logits.cpu().numpy())
@@ -370,7 +371,9 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
                                "val_pauc": None, "val_auc": None, "images_per_s": ips, "lr": lr}
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
             sync_buffers(model, rt.ctx)
-            row.update(evaluate(predict_logits(model, val_ds, rt, desc=f"fold {fold} val"), val_ds.labels))
+            # per-epoch validation without TTA (half the cost); the final OOF scores use it
+            val_logits = predict_logits(model, val_ds, rt, desc=f"fold {fold} val", tta=False)
+            row.update(evaluate(val_logits, val_ds.labels))
             update_best(state, row, model, files, rt.ctx)
         state.history.append(row)
         state.epoch = epoch + 1
@@ -444,8 +447,11 @@ def finish_fold(files: FoldFiles, state: FoldState, n_train: int, n_val: int, ct
 
 
 def scoring_model(cfg: CNNConfig, weights: Path, device: torch.device) -> nn.Module:
-    """A fold's best model; the init-weight files are not needed (the fold's weights replace them)."""
-    model_cfg = dataclasses.replace(cfg.model, classifier_weights=None, segmenter_weights=None)
+    """A fold's best model. Init-weight files are not needed (the fold's weights replace them), except a
+    train-seg checkpoint when it is still there: its config.yaml describes the segmenter's decoder."""
+    seg = cfg.model.segmenter_weights
+    keep_seg = seg is not None and Path(seg).is_file() and is_segmenter_checkpoint(seg)
+    model_cfg = dataclasses.replace(cfg.model, classifier_weights=None, segmenter_weights=seg if keep_seg else None)
     model = build_model(model_cfg)
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device)

@@ -1,0 +1,218 @@
+"""train-cnn: the OOF contract, resume after a kill, skipping finished folds, refusing a changed config,
+local weights, corrupt crops, and DistributedDataParallel on CPU. Tiny nets (timm's test_resnet), 32-px
+crops, 24 lesions in 2 folds, 1-2 epochs."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _cnn_data import make_cnn_data
+from lesionstack.config import ConfigError, save_config
+from lesionstack.data.dataset import CropDataset
+from lesionstack.data.hdf5 import CorruptImageError
+from lesionstack.files import read_json
+from lesionstack.folds import read_folds
+from lesionstack.models import ModelConfig
+from lesionstack.paths import ArtifactPaths
+from lesionstack.train_cnn import (
+    CNNConfig,
+    DistContext,
+    Runtime,
+    check_oof,
+    predict_logits,
+    scoring_model,
+    sigmoid,
+    train_cnn,
+    warmup_cosine,
+)
+
+CPU = torch.device("cpu")
+METRIC_KEYS = {"epochs", "best_epoch", "best_pauc", "best_auc", "n_train", "n_val"}
+EPOCH_KEYS = {"epoch", "train_loss", "val_loss", "val_pauc", "val_auc", "images_per_s", "lr"}
+
+
+def tiny_config(gate: str = "train", **changes: object) -> CNNConfig:
+    model = ModelConfig(classifier="test_resnet", segmenter_encoder="test_resnet", gate=gate)
+    cfg = CNNConfig(model=model, image_size=32, batch_size=8, eval_batch_size=32, epochs=2, lr=1e-3,
+                    warmup_epochs=0.5, num_workers=0, cpu_threads=1, progress=False)
+    return dataclasses.replace(cfg, **changes)
+
+
+class Crash(RuntimeError):
+    pass
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, CNNConfig]:
+    """Both folds of the tiny data set, trained once for the tests that only read the result."""
+    root = make_cnn_data(tmp_path_factory.mktemp("cnn_data"))
+    out = tmp_path_factory.mktemp("cnn_art")
+    cfg = tiny_config()
+    train_cnn(root, root / "folds.csv", cfg, out)
+    return root, out, cfg
+
+
+def test_oof_scores_every_row_once_with_its_own_folds_model(trained: tuple[Path, Path, CNNConfig]) -> None:
+    root, out, cfg = trained
+    art, folds = ArtifactPaths(out), read_folds(root / "folds.csv")
+    oof = pd.read_parquet(art.oof_cnn)
+    assert list(oof.columns) == ["isic_id", "fold", "score"]
+    assert sorted(oof["isic_id"]) == sorted(folds["isic_id"]) and not oof["isic_id"].duplicated().any()
+    assert oof["score"].between(0, 1).all()
+    rt = Runtime(cfg, CPU, None, DistContext())
+    test = pd.read_parquet(art.test_cnn)
+    test_ds = CropDataset(root / "test-image.hdf5", test["isic_id"], None, cfg.image_size)
+    test_mean = np.zeros(len(test))
+    for k in (0, 1):
+        model = scoring_model(cfg, art.cnn_fold(k).weights, CPU)
+        rows = oof[oof["fold"] == k]
+        assert set(rows["isic_id"]) == set(folds.loc[folds["fold"] == k, "isic_id"])
+        val_ds = CropDataset(root / "train-image.hdf5", rows["isic_id"], None, cfg.image_size)
+        rescored = sigmoid(predict_logits(model, val_ds, rt))
+        np.testing.assert_allclose(rows["score"], rescored, rtol=1e-5, atol=1e-6)
+        other = scoring_model(cfg, art.cnn_fold(1 - k).weights, CPU)
+        assert not np.allclose(rows["score"], sigmoid(predict_logits(other, val_ds, rt)), atol=1e-6)
+        test_mean += sigmoid(predict_logits(model, test_ds, rt)) / 2
+    np.testing.assert_allclose(test["score"], test_mean, rtol=1e-5, atol=1e-6)
+
+
+def test_each_fold_folder_holds_the_same_files(trained: tuple[Path, Path, CNNConfig]) -> None:
+    _, out, _ = trained
+    for k in (0, 1):
+        files = ArtifactPaths(out).cnn_fold(k)
+        assert sorted(p.name for p in files.dir.iterdir()) == ["DONE", "config.yaml", "metrics.json", "model.pt"]
+        metrics = read_json(files.metrics)
+        assert set(metrics) == METRIC_KEYS and metrics["n_train"] + metrics["n_val"] == 24
+        assert [set(e) for e in metrics["epochs"]] == [EPOCH_KEYS] * 2
+        assert metrics["best_pauc"] == max(e["val_pauc"] for e in metrics["epochs"])
+
+
+def test_check_oof_catches_a_broken_contract(trained: tuple[Path, Path, CNNConfig]) -> None:
+    root, out, _ = trained
+    folds, oof = read_folds(root / "folds.csv"), pd.read_parquet(ArtifactPaths(out).oof_cnn)
+    with pytest.raises(AssertionError, match="repeat"):
+        check_oof(pd.concat([oof, oof.iloc[:1]]), folds)
+    with pytest.raises(AssertionError, match="differ"):
+        check_oof(oof.iloc[1:], folds)
+    swapped = oof.assign(fold=np.where(oof["isic_id"] == oof["isic_id"].iloc[0], 1 - oof["fold"], oof["fold"]))
+    with pytest.raises(AssertionError, match="scored by fold"):
+        check_oof(swapped, folds)
+
+
+def test_rerun_skips_finished_folds(trained: tuple[Path, Path, CNNConfig]) -> None:
+    root, out, cfg = trained
+    weights = ArtifactPaths(out).cnn_fold(0).weights
+    before = weights.stat().st_mtime_ns
+
+    def must_not_train(fold: int, epoch: int) -> None:
+        raise AssertionError(f"fold {fold} trained again")
+
+    summary = train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, progress=True), out,
+                        on_epoch_end=must_not_train)  # a runtime-only key may differ
+    assert weights.stat().st_mtime_ns == before and summary["oof_pauc"] >= 0
+
+
+def test_changed_config_is_refused(trained: tuple[Path, Path, CNNConfig]) -> None:
+    root, out, cfg = trained
+    with pytest.raises(ConfigError, match="lr"):
+        train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, lr=0.01), out)
+
+
+def test_killed_fold_resumes_from_its_checkpoint(trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
+    root, reference, cfg = trained
+    files = ArtifactPaths(tmp_path).cnn_fold(0)
+
+    def crash(fold: int, epoch: int) -> None:
+        raise Crash(f"killed after epoch {epoch}")
+
+    with pytest.raises(Crash):
+        train_cnn(root, root / "folds.csv", cfg, tmp_path, folds_only=[0], on_epoch_end=crash)
+    assert files.checkpoint.exists() and not files.done.exists() and not files.metrics.exists()
+    seen: list[tuple[int, int]] = []
+    train_cnn(root, root / "folds.csv", cfg, tmp_path, folds_only=[0], on_epoch_end=lambda f, e: seen.append((f, e)))
+    assert seen == [(0, 2)]  # continued with epoch 2; epoch 1 was not redone
+    assert files.done.exists() and not files.checkpoint.exists()
+    assert not ArtifactPaths(tmp_path).oof_cnn.exists()  # fold 1 not trained yet: no partial OOF file
+    resumed, straight = read_json(files.metrics), read_json(ArtifactPaths(reference).cnn_fold(0).metrics)
+    for a, b in zip(resumed["epochs"], straight["epochs"], strict=True):  # identical to an uninterrupted run
+        for key in ("train_loss", "val_loss", "val_pauc", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_classifier_weights_come_from_a_local_file(trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
+    from lesionstack._compat import ensure_timm_importable
+
+    ensure_timm_importable()
+    import timm
+
+    root = trained[0]
+    state = timm.create_model("test_resnet", num_classes=1).state_dict()
+    state = {k: 0.1 * torch.randn_like(v) if v.ndim == 4 else v for k, v in state.items()}  # distinctive convs
+    weights = tmp_path / "test_resnet.pth"
+    torch.save(state, weights)
+    cfg = tiny_config(gate="none", epochs=1, lr=0.0)  # lr 0: the saved model is the loaded one
+    cfg.model = dataclasses.replace(cfg.model, classifier_weights=str(weights))
+    train_cnn(root, root / "folds.csv", cfg, tmp_path / "art", folds_only=[0])
+    saved = torch.load(ArtifactPaths(tmp_path / "art").cnn_fold(0).weights, weights_only=True)
+    convs = [k for k, v in state.items() if v.ndim == 4]
+    assert convs
+    for key in convs:
+        torch.testing.assert_close(saved[f"classifier.{key}"], state[key])
+
+
+def test_corrupt_crop_stops_the_run_naming_it(tmp_path: Path) -> None:
+    root = make_cnn_data(tmp_path / "data", corrupt=("ISIC_0000005",))  # a fold-1 negative: fold 0 trains on it
+    with pytest.raises(CorruptImageError, match="ISIC_0000005"):
+        cfg = tiny_config(gate="none", epochs=1, batch_size=4)  # 3 full batches: every drawn crop is read
+        train_cnn(root, root / "folds.csv", cfg, tmp_path / "art", folds_only=[0])
+    assert not ArtifactPaths(tmp_path / "art").cnn_fold(0).checkpoint.exists()  # stopped inside epoch 1
+
+
+def test_corrupt_crop_is_skipped_and_logged_when_configured(tmp_path: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    root = make_cnn_data(tmp_path / "data", corrupt=("ISIC_0000005",))
+    cfg = tiny_config(gate="none", epochs=1, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING):
+        train_cnn(root, root / "folds.csv", cfg, tmp_path / "art")
+    assert "ISIC_0000005" in caplog.text
+    oof = pd.read_parquet(ArtifactPaths(tmp_path / "art").oof_cnn).set_index("isic_id")
+    assert len(oof) == 24 and np.isnan(oof.loc["ISIC_0000005", "score"])  # listed, but unscored
+    assert oof["score"].drop("ISIC_0000005").between(0, 1).all()
+
+
+def test_warmup_then_cosine() -> None:
+    f = warmup_cosine(total_steps=100, warmup_steps=10, min_ratio=0.01)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.505) and f(100) == pytest.approx(0.01)
+
+
+@pytest.mark.slow
+def test_two_processes_with_gloo_write_the_same_files(trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
+    root, reference, cfg = trained
+    config = save_config(cfg, tmp_path / "tiny.yaml")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "lesionstack.cli", "train-cnn", str(root),
+           "--folds", str(root / "folds.csv"), "--config", str(config), "--out", str(tmp_path / "art")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OOF pAUC" in done.stdout
+
+    def listing(base: Path) -> list[str]:
+        return sorted(str(p.relative_to(base)) for p in base.rglob("*") if p.is_file() and "cnn" in p.parts
+                      or p.name.endswith(".parquet"))
+
+    assert listing(tmp_path / "art") == listing(reference)
+    check_oof(pd.read_parquet(ArtifactPaths(tmp_path / "art").oof_cnn), read_folds(root / "folds.csv"))
+    metrics = read_json(ArtifactPaths(tmp_path / "art").cnn_fold(0).metrics)
+    assert metrics["n_train"] == read_json(ArtifactPaths(reference).cnn_fold(0).metrics)["n_train"]
