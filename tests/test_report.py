@@ -277,13 +277,24 @@ def test_weighted_roc_equals_the_metric_on_repeated_rows():
     rng = np.random.default_rng(3)
     y = (rng.random(300) < 0.1).astype(int)
     p = np.round(rng.random(300) + y * 0.5, 2)  # rounded: many ties, as with real model scores
-    roc = WeightedROC(y, p)
-    for _ in range(5):
-        w = rng.integers(0, 3, y.size)
-        rows = np.repeat(np.arange(y.size), w)
-        got_p, got_a = roc.scores(w.astype(float))
-        assert got_p == pytest.approx(pauc(y[rows], p[rows]), abs=1e-12)
-        assert got_a == pytest.approx(roc_auc(y[rows], p[rows]), abs=1e-12)
+    groups = rng.integers(0, 40, y.size)
+    for codes, n_groups in ((None, y.size), (groups, 40)):
+        roc = WeightedROC(y, p, codes)
+        for _ in range(4):
+            counts = rng.integers(0, 3, n_groups)
+            rows = np.repeat(np.arange(y.size), counts[groups] if codes is not None else counts)
+            got_p, got_a = roc.scores(counts)
+            assert got_p == pytest.approx(pauc(y[rows], p[rows]), abs=1e-12)
+            assert got_a == pytest.approx(roc_auc(y[rows], p[rows]), abs=1e-12)
+
+
+def test_weighted_roc_on_real_labels_and_scores(shared_data):
+    real = pd.read_csv(shared_data / "isic2024-real-labels" / "skinmap-heldout-20k.csv")
+    y, p = real["target"].to_numpy(), real["prediction"].to_numpy()
+    got_p, got_a = WeightedROC(y, p).scores(np.ones(y.size, dtype=int))
+    assert got_p == pytest.approx(pauc(y, p), abs=1e-12) and got_a == pytest.approx(roc_auc(y, p), abs=1e-12)
+    ci = bootstrap_ci(y, p, None, n_resamples=100, seed=0)
+    assert ci.pauc_low < ci.pauc < ci.pauc_high
 
 
 def test_patient_bootstrap_contains_the_estimate_is_seeded_and_resamples_patients():

@@ -42,31 +42,36 @@ def cv_mismatches(oof: pd.DataFrame, cv: dict, columns: dict[str, str], tol: flo
 
 
 class WeightedROC:
-    """ROC curves of one score vector under many row weightings, with a single sort.
+    """ROC curves of one score vector under many reweightings of its groups, with a single sort.
 
     A bootstrap resample that draws patient i c_i times equals weighting that patient's rows by c_i, so
-    every resample costs two cumulative sums instead of a sort (fast on the real 401k rows). The curve is
-    built on the metric's flipped problem (labels 1 - y, scores -p); with integer weights it matches
-    `lesionstack.metrics.pauc` on the repeated rows exactly (the tests check it).
+    every resample costs one gather and two integer cumulative sums instead of a sort (fast on the real
+    401k rows). The curve is built on the metric's flipped problem (labels 1 - y, scores -p); it matches
+    `lesionstack.metrics.pauc` on the repeated rows exactly (the tests check it). `groups`: one integer
+    code per row in [0, n_groups); None makes every row its own group.
     """
 
-    def __init__(self, y_true: ArrayLike, y_score: ArrayLike) -> None:
-        y = np.asarray(y_true, dtype=float)
+    def __init__(self, y_true: ArrayLike, y_score: ArrayLike, groups: ArrayLike | None = None) -> None:
+        y = np.asarray(y_true).astype(bool)
         p = np.asarray(y_score, dtype=float)
-        self.order = np.argsort(p, kind="mergesort")  # ascending p = descending -p
-        self.flipped_pos = 1.0 - y[self.order]
-        ps = p[self.order]
+        order = np.argsort(p, kind="mergesort")  # ascending p = descending -p
+        codes = np.arange(p.size) if groups is None else np.asarray(groups, dtype=np.int64)
+        self.codes = codes[order]
+        self.flipped_pos = ~y[order]  # the metric's positives are the benign lesions
+        ps = p[order]
         self.ends = np.r_[np.flatnonzero(np.diff(ps)), ps.size - 1]  # last row of each distinct score
 
-    def curve(self, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        w = weights[self.order]
-        tps = np.cumsum(w * self.flipped_pos)[self.ends]
-        fps = np.cumsum(w * (1.0 - self.flipped_pos))[self.ends]
+    def curve(self, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(fpr, tpr) of the flipped problem when group g's rows count `counts[g]` times each."""
+        w = np.asarray(counts, dtype=np.int64)[self.codes]
+        total = np.cumsum(w)[self.ends]
+        tps = np.cumsum(np.where(self.flipped_pos, w, 0))[self.ends]
+        fps = total - tps
         return np.r_[0.0, fps / fps[-1]], np.r_[0.0, tps / tps[-1]]
 
-    def scores(self, weights: np.ndarray, min_tpr: float = 0.8) -> tuple[float, float]:
-        """(pAUC above `min_tpr`, ROC AUC) under `weights`."""
-        fpr, tpr = self.curve(weights)
+    def scores(self, counts: np.ndarray, min_tpr: float = 0.8) -> tuple[float, float]:
+        """(pAUC above `min_tpr`, ROC AUC) under group `counts`."""
+        fpr, tpr = self.curve(counts)
         return _partial_area(fpr, tpr, 1.0 - min_tpr), float(np.trapezoid(tpr, fpr))
 
 
@@ -105,17 +110,21 @@ def bootstrap_ci(
     y = np.asarray(y_true, dtype=float)
     codes = pd.factorize(np.asarray(groups))[0] if groups is not None else np.arange(y.size)
     n_groups = int(codes.max()) + 1
-    roc = WeightedROC(y, y_score)
+    roc = WeightedROC(y, y_score, codes)
+    pos_per_group = np.bincount(codes, weights=y, minlength=n_groups)
+    rows_per_group = np.bincount(codes, minlength=n_groups)
     rng = np.random.default_rng(seed)
     stats, tries = [], 0
     while len(stats) < n_resamples and tries < 10 * n_resamples:
         tries += 1
-        w = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)[codes].astype(float)
-        n_pos = float(w @ y)
-        if 0 < n_pos < w.sum():
-            stats.append(roc.scores(w))
-    arr = np.asarray(stats)
-    lo, hi = np.quantile(arr, [(1 - level) / 2, (1 + level) / 2], axis=0)
+        counts = np.bincount(rng.integers(0, n_groups, n_groups), minlength=n_groups)
+        if 0 < counts @ pos_per_group < counts @ rows_per_group:
+            stats.append(roc.scores(counts))
+    arr = np.asarray(stats).reshape(-1, 2)
+    if arr.size == 0:  # e.g. all positives in one patient: every resample lacks a class sometimes or always
+        lo = hi = np.array([np.nan, np.nan])
+    else:
+        lo, hi = np.quantile(arr, [(1 - level) / 2, (1 + level) / 2], axis=0)
     return BootstrapCI(
         pauc=pauc(y, y_score), pauc_low=float(lo[0]), pauc_high=float(hi[0]),
         auc=roc_auc(y, y_score), auc_low=float(lo[1]), auc_high=float(hi[1]),
