@@ -453,7 +453,9 @@ def render_lesion(p: dict[str, float], rng: np.random.Generator) -> tuple[np.nda
     a, b = max(1.5, 0.5 * p["major_mm"] * scale), max(1.2, 0.5 * p["minor_mm"] * scale)
     cy, cx = s / 2 + rng.normal(0, 0.04 * s, 2)
     border = _border(p["norm_border"], rng)
-    reach = a * float(border.max()) + 2  # the lesion lies within this many px of its centre
+    soft = 1.0 + 0.12 * min(a, b)  # border blur in px: TBP crops are soft
+    # the blurred lesion lies within this many px of its centre (edge below is scaled by the minor axis)
+    reach = a * (float(border.max()) + soft / min(a, b)) + 2
     y0, y1 = max(0, int(cy - reach)), min(s, int(cy + reach) + 1)
     x0, x1 = max(0, int(cx - reach)), min(s, int(cx + reach) + 1)
     if y1 <= y0 or x1 <= x0:
@@ -464,8 +466,7 @@ def render_lesion(p: dict[str, float], rng: np.random.Generator) -> tuple[np.nda
     u, v = (x * ca + y * sa) / np.float32(a), (y * ca - x * sa) / np.float32(b)
     rho = np.hypot(u, v)
     edge = (border[_angle_index(u, v)] - rho) * np.float32(min(a, b))  # about the px distance to the border
-    soft = np.float32(1.0 + 0.12 * min(a, b))  # border blur in px: TBP crops are soft
-    alpha = np.clip(edge / soft + np.float32(0.5), 0, 1)[..., None]
+    alpha = np.clip(edge / np.float32(soft) + np.float32(0.5), 0, 1)[..., None]
     mask[y0:y1, x0:x1] = edge > 0
 
     lesion = np.array([p["lesion_r"], p["lesion_g"], p["lesion_b"]], dtype=np.float32)
