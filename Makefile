@@ -20,9 +20,10 @@ $(STAMP): pyproject.toml
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
 	touch $(STAMP)
 
+# The demo data is written once (deterministic by seed); a rerun of `make demo` resumes the pipeline.
 demo: setup
-	$(BIN)/lesionstack demo-data demo/data --seed 0 --overwrite
-	$(BIN)/lesionstack folds demo/data --out demo/artifacts/folds.csv --force
+	test -f demo/data/train-metadata.csv || $(BIN)/lesionstack demo-data demo/data --seed 0
+	$(BIN)/lesionstack run demo/data --out demo/artifacts --config configs/run/demo.yaml
 
 test: setup
 	$(BIN)/pytest -q
