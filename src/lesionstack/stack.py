@@ -1,0 +1,508 @@
+"""The GBDT stacker: LightGBM, CatBoost and XGBoost on the tabular features (+ CNN scores), per fold.
+
+`GBDTStacker` is one model family with the scikit-learn contract: per seed it undersamples the negatives
+(all positives, `neg_pos_ratio` negatives per positive), trains one booster, and `predict_proba` averages
+the seeds. `train_stack` fits every family on every fold of the fold file, twice when CNN scores are in
+the features (with them, and the "tabular" variant without them, so that the gain of stacking is on
+record), blends the families by rank mean (or by weights tuned on the OOF), and writes per-fold models,
+`oof_stack.parquet`, `cv.json` and `stack/feature_importance.csv`. `predict_stack` scores a test feature
+table with the saved fold models, blended as in training.
+
+No leakage between the two halves: CNN scores must be out-of-fold for this very fold file, cover every
+training row exactly once, and be the scores the feature table was built from (`check_cnn_oof`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import rankdata
+from sklearn.base import BaseEstimator, ClassifierMixin
+from tqdm.auto import tqdm
+
+from lesionstack.config import ensure_same_config, save_config
+from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
+from lesionstack.features import CAT_PREFIX, CATEGORY_VOCAB, CNN_PREFIX, categorical_columns, has_cnn
+from lesionstack.files import atomic_path, read_json, write_json, write_text
+from lesionstack.folds import read_folds
+from lesionstack.metrics import pauc, roc_auc
+from lesionstack.paths import ArtifactPaths
+
+MODELS = ("lgbm", "catboost", "xgboost")
+TABULAR = "tabular_"  # prefix of the models trained without CNN features
+MODELS_FILE = "models.pkl"  # in every stack fold folder, beside metrics.json, config.yaml and DONE
+OOF_FILE = "oof.parquet"
+IMPORTANCE_FILE = "importance.csv"
+
+
+class StackError(ValueError):
+    """Inputs the stacker refuses: misaligned features, leaky or mismatched CNN scores, unknown models."""
+
+
+@dataclass
+class StackConfig:
+    """Everything that decides the stacker's models. Saved beside every fold it made."""
+
+    models: tuple[str, ...] = MODELS
+    seeds: tuple[int, ...] = (0, 1, 2)
+    neg_pos_ratio: float = 100.0  # negatives kept per positive, per fold and seed; 0 keeps all
+    learning_rate: float = 0.03
+    n_rounds: int = 300
+    max_depth: int = 6
+    num_leaves: int = 31
+    min_child_samples: int = 20
+    subsample: float = 0.8
+    colsample: float = 0.5
+    reg_lambda: float = 1.0
+    n_jobs: int = 2
+    use_cnn: bool = True  # use the CNN features when the feature table has them
+    train_tabular: bool = True  # with CNN features, also train the variant without them
+    blend: str = "rank_mean"  # or "weights": rank-normalised scores, weights tuned on the OOF
+    use_tuned: bool = True  # merge artifacts.best_params into the tuned model's params
+    params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: native extra params
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.models) - set(MODELS)) + sorted(set(self.params) - set(MODELS))
+        if unknown:
+            raise StackError(f"unknown model(s) {unknown}; known: {list(MODELS)}")
+        if self.blend not in ("rank_mean", "weights"):
+            raise StackError(f"blend must be 'rank_mean' or 'weights', got {self.blend!r}")
+        if not self.seeds:
+            raise StackError("seeds must name at least one seed")
+
+
+def estimator(cfg: StackConfig, model: str) -> GBDTStacker:
+    """The estimator for one model family, with the config's shared and per-model params."""
+    return GBDTStacker(
+        model=model, seeds=tuple(cfg.seeds), neg_pos_ratio=cfg.neg_pos_ratio,
+        learning_rate=cfg.learning_rate, n_rounds=cfg.n_rounds, max_depth=cfg.max_depth,
+        num_leaves=cfg.num_leaves, min_child_samples=cfg.min_child_samples, subsample=cfg.subsample,
+        colsample=cfg.colsample, reg_lambda=cfg.reg_lambda, n_jobs=cfg.n_jobs,
+        extra_params=dict(cfg.params.get(model, {})),
+    )
+
+
+# ---- the estimator ---------------------------------------------------------------------------------------
+
+
+def undersample(y: np.ndarray, ratio: float, seed: int) -> np.ndarray:
+    """Row indices: every positive and at most `ratio` negatives per positive (sorted; 0 keeps all)."""
+    pos, neg = np.flatnonzero(y == 1), np.flatnonzero(y != 1)
+    n_neg = len(neg) if ratio <= 0 else min(len(neg), int(round(ratio * max(len(pos), 1))))
+    keep = np.random.default_rng(seed).choice(neg, size=n_neg, replace=False)
+    return np.sort(np.concatenate([pos, keep]))
+
+
+def _xgb_frame(X: pd.DataFrame, cats: list[str]) -> pd.DataFrame:
+    # fixed category lists, so train and test codes mean the same category
+    X = X.copy()
+    for c in cats:
+        n = len(CATEGORY_VOCAB.get(c.removeprefix(CAT_PREFIX), ())) or int(X[c].max()) + 1
+        X[c] = pd.Categorical(X[c].astype(int), categories=range(n))
+    return X
+
+
+class GBDTStacker(ClassifierMixin, BaseEstimator):
+    """One GBDT family (lgbm, catboost or xgboost), bagged over seeds with undersampled negatives.
+
+    `cat_*` columns are treated as categorical by every family. Fitted attributes: `boosters_` (one per
+    seed), `feature_names_in_`, `categorical_features_`, `classes_`, `importance_` (gain, sums to 1).
+    """
+
+    def __init__(self, model: str = "lgbm", seeds: tuple[int, ...] = (0,), neg_pos_ratio: float = 100.0,
+                 learning_rate: float = 0.03, n_rounds: int = 300, max_depth: int = 6, num_leaves: int = 31,
+                 min_child_samples: int = 20, subsample: float = 0.8, colsample: float = 0.5,
+                 reg_lambda: float = 1.0, n_jobs: int = 2, extra_params: dict[str, Any] | None = None):
+        self.model = model
+        self.seeds = seeds
+        self.neg_pos_ratio = neg_pos_ratio
+        self.learning_rate = learning_rate
+        self.n_rounds = n_rounds
+        self.max_depth = max_depth
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.subsample = subsample
+        self.colsample = colsample
+        self.reg_lambda = reg_lambda
+        self.n_jobs = n_jobs
+        self.extra_params = extra_params
+
+    def fit(self, X: pd.DataFrame, y: Any) -> GBDTStacker:
+        """Train one booster per seed on all positives and a fresh sample of negatives."""
+        if self.model not in MODELS:
+            raise StackError(f"unknown model {self.model!r}; known: {list(MODELS)}")
+        y = np.asarray(y).astype(int)
+        if len(y) != len(X) or not np.isin(y, (0, 1)).all() or y.min() == y.max():
+            raise StackError(f"fit needs {len(X)} labels holding both 0 and 1")
+        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.categorical_features_ = categorical_columns(list(X.columns))
+        self.classes_ = np.array([0, 1])
+        fit_one = getattr(self, f"_fit_{self.model}")
+        self.boosters_, gains = [], []
+        for seed in self.seeds:
+            idx = undersample(y, self.neg_pos_ratio, seed)
+            booster, gain = fit_one(X.iloc[idx], y[idx], seed)
+            self.boosters_.append(booster)
+            gains.append(gain)
+        total = np.mean(gains, axis=0)
+        self.importance_ = pd.Series(total / max(total.sum(), 1e-12), index=X.columns)
+        return self
+
+    def _fit_lgbm(self, X: pd.DataFrame, y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
+        import lightgbm as lgb
+
+        params = {
+            "objective": "binary", "learning_rate": self.learning_rate, "num_leaves": self.num_leaves,
+            "max_depth": self.max_depth, "min_data_in_leaf": self.min_child_samples,
+            "bagging_fraction": self.subsample, "bagging_freq": 1, "feature_fraction": self.colsample,
+            "lambda_l2": self.reg_lambda, "seed": seed, "num_threads": self.n_jobs, "deterministic": True,
+            "force_col_wise": True, "verbosity": -1, **(self.extra_params or {}),
+        }
+        data = lgb.Dataset(X, y, categorical_feature=self.categorical_features_, free_raw_data=True)
+        booster = lgb.train(params, data, num_boost_round=self.n_rounds)
+        return booster, booster.feature_importance("gain").astype(float)
+
+    def _fit_catboost(self, X: pd.DataFrame, y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
+        from catboost import CatBoostClassifier
+
+        params = {
+            "iterations": self.n_rounds, "learning_rate": self.learning_rate, "depth": self.max_depth,
+            "l2_leaf_reg": self.reg_lambda, "min_data_in_leaf": self.min_child_samples,
+            "bootstrap_type": "Bernoulli", "subsample": self.subsample, "rsm": self.colsample,
+            "random_seed": seed, "thread_count": self.n_jobs, "verbose": 0, "allow_writing_files": False,
+            **(self.extra_params or {}),
+        }
+        model = CatBoostClassifier(cat_features=self.categorical_features_, **params)
+        model.fit(X, y)
+        # PredictionValuesChange: CatBoost's default importance (its gain analogue)
+        return model, np.asarray(model.get_feature_importance(), dtype=float)
+
+    def _fit_xgboost(self, X: pd.DataFrame, y: np.ndarray, seed: int) -> tuple[Any, np.ndarray]:
+        import xgboost as xgb
+
+        params = {
+            "objective": "binary:logistic", "eta": self.learning_rate, "max_depth": self.max_depth,
+            "subsample": self.subsample, "colsample_bytree": self.colsample, "lambda": self.reg_lambda,
+            "min_child_weight": 1.0, "tree_method": "hist", "nthread": self.n_jobs, "seed": seed,
+            "verbosity": 0, **(self.extra_params or {}),
+        }
+        data = xgb.DMatrix(_xgb_frame(X, self.categorical_features_), y, enable_categorical=True)
+        booster = xgb.train(params, data, num_boost_round=self.n_rounds)
+        gain = booster.get_score(importance_type="total_gain")
+        return booster, np.array([gain.get(c, 0.0) for c in X.columns], dtype=float)
+
+    def _predict_one(self, booster: Any, X: pd.DataFrame) -> np.ndarray:
+        if self.model == "lgbm":
+            return booster.predict(X)
+        if self.model == "catboost":
+            return booster.predict_proba(X)[:, 1]
+        import xgboost as xgb
+
+        return booster.predict(xgb.DMatrix(_xgb_frame(X, self.categorical_features_), enable_categorical=True))
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        """(n, 2) probabilities, the mean over the seeds' boosters."""
+        if not hasattr(self, "boosters_"):
+            raise StackError("GBDTStacker is not fitted; call fit first")
+        names = list(self.feature_names_in_)
+        missing = [c for c in names if c not in X.columns]
+        if missing:
+            raise StackError(f"features lack {len(missing)} column(s) the model was trained on, e.g. {missing[:5]}")
+        X = X[names]
+        p = np.mean([self._predict_one(b, X) for b in self.boosters_], axis=0)
+        return np.column_stack([1.0 - p, p])
+
+
+# ---- blending --------------------------------------------------------------------------------------------
+
+
+def rank_normalise(x: np.ndarray) -> np.ndarray:
+    """Ranks scaled to (0, 1]: a scale-free score that can be averaged across model families."""
+    return rankdata(x) / len(x)
+
+
+def blend(scores: dict[str, np.ndarray], weights: dict[str, float] | None = None) -> np.ndarray:
+    """Weighted mean of rank-normalised scores (equal weights: the rank mean)."""
+    names = sorted(scores)
+    w = np.array([1.0 if weights is None else weights.get(n, 0.0) for n in names])
+    if w.sum() <= 0:
+        raise StackError(f"blend weights {weights} give no weight to any of {names}")
+    return sum(wi * rank_normalise(scores[n]) for wi, n in zip(w, names, strict=True)) / w.sum()
+
+
+def fit_blend_weights(scores: dict[str, np.ndarray], y: np.ndarray, step: float = 0.1) -> dict[str, float]:
+    """Weights on a simplex grid (`step`) that maximise OOF pAUC; ties go to the most even weights.
+
+    Tuned on the same OOF it is scored on, so the blend's OOF pAUC is slightly optimistic.
+    """
+    names = sorted(scores)
+    n = round(1 / step)
+    grid = [c for c in np.ndindex(*(n + 1,) * len(names)) if sum(c) == n]
+    best, best_w = -1.0, None
+    for combo in sorted(grid, key=lambda c: np.var(c)):
+        w = {name: k / n for name, k in zip(names, combo, strict=True)}
+        value = pauc(y, blend(scores, w))
+        if value > best + 1e-12:
+            best, best_w = value, w
+    assert best_w is not None
+    return best_w
+
+
+# ---- guards ----------------------------------------------------------------------------------------------
+
+
+def _examples(ids: pd.Series | pd.Index | list[str], n: int = 5) -> list[str]:
+    return [str(i) for i in list(ids)[:n]]
+
+
+def align_features(features: pd.DataFrame, folds: pd.DataFrame, where: str = "features") -> pd.DataFrame:
+    """The feature rows in fold-file order; refuse a table that does not hold every training row once."""
+    if ID_COLUMN not in features.columns:
+        raise StackError(f"{where}: no column {ID_COLUMN!r}")
+    ids = features[ID_COLUMN].astype(str)
+    dup = ids[ids.duplicated()]
+    missing = folds.loc[~folds[ID_COLUMN].isin(ids), ID_COLUMN]
+    extra = ids[~ids.isin(folds[ID_COLUMN])]
+    if len(dup) or len(missing) or len(extra):
+        raise StackError(
+            f"{where} does not match the fold file: {len(missing)} training row(s) missing "
+            f"(e.g. {_examples(missing)}), {len(dup)} duplicated (e.g. {_examples(dup)}), "
+            f"{len(extra)} not in the fold file (e.g. {_examples(extra)})"
+        )
+    return features.set_index(ids).loc[folds[ID_COLUMN]].reset_index(drop=True)
+
+
+def check_cnn_oof(cnn_oof: pd.DataFrame, folds: pd.DataFrame, where: str = "CNN OOF scores") -> pd.DataFrame:
+    """Refuse CNN scores that are not out-of-fold for this fold file; return them in fold-file order.
+
+    Every training row must be scored exactly once, by the model of its own fold.
+    """
+    need = [c for c in (ID_COLUMN, "fold", "score") if c not in cnn_oof.columns]
+    if need:
+        raise StackError(f"{where}: missing column(s) {need}")
+    ids = cnn_oof[ID_COLUMN].astype(str)
+    dup = ids[ids.duplicated()].unique()
+    missing = folds.loc[~folds[ID_COLUMN].isin(ids), ID_COLUMN]
+    extra = ids[~ids.isin(folds[ID_COLUMN])]
+    if len(dup) or len(missing) or len(extra):
+        raise StackError(
+            f"{where} must score every training row exactly once: {len(missing)} row(s) missing "
+            f"(e.g. {_examples(missing)}), {len(dup)} duplicated (e.g. {_examples(dup)}), "
+            f"{len(extra)} unknown to the fold file (e.g. {_examples(extra)})"
+        )
+    oof = cnn_oof.assign(**{ID_COLUMN: ids}).set_index(ID_COLUMN).loc[folds[ID_COLUMN]].reset_index()
+    wrong = oof["fold"].to_numpy() != folds["fold"].to_numpy()
+    if wrong.any():
+        raise StackError(
+            f"{where} were made with other folds: {int(wrong.sum())} row(s) carry a fold that differs from "
+            f"the fold file (e.g. {_examples(oof.loc[wrong, ID_COLUMN])}); retrain the CNN on this fold file"
+        )
+    if not np.isfinite(oof["score"].to_numpy(dtype=float)).all():
+        bad = oof.loc[~np.isfinite(oof["score"].to_numpy(dtype=float)), ID_COLUMN]
+        raise StackError(f"{where}: {len(bad)} non-finite score(s), e.g. {_examples(bad)}")
+    return oof
+
+
+def _check_features_match_oof(features: pd.DataFrame, oof: pd.DataFrame) -> None:
+    diff = np.abs(features[f"{CNN_PREFIX}score"].to_numpy(float) - oof["score"].to_numpy(float)) > 1e-4
+    if diff.any():
+        raise StackError(
+            f"the feature table's cnn_score differs from the CNN OOF scores in {int(diff.sum())} row(s) "
+            f"(e.g. {_examples(oof.loc[diff, ID_COLUMN])}): rebuild the features from these OOF scores"
+        )
+
+
+# ---- the stage -------------------------------------------------------------------------------------------
+
+
+def with_params(cfg: StackConfig, model: str, params: dict[str, Any]) -> StackConfig:
+    """`cfg` with `params` (shared knob names: learning_rate, max_depth...) set for one model family only."""
+    native = {**cfg.params.get(model, {}), **_native(model, params)}
+    return dataclasses.replace(cfg, params={**cfg.params, model: native})
+
+
+def apply_tuned_params(cfg: StackConfig, artifacts: ArtifactPaths) -> tuple[StackConfig, dict | None]:
+    """Merge the tuned params (artifacts.best_params) into the config, when present and wanted."""
+    if not cfg.use_tuned or not artifacts.best_params.is_file():
+        return cfg, None
+    tuned = read_json(artifacts.best_params)
+    if tuned["model"] not in cfg.models:
+        return cfg, None
+    return with_params(cfg, tuned["model"], tuned["params"]), {"source": str(artifacts.best_params), **tuned}
+
+
+def _native(model: str, shared: dict[str, Any]) -> dict[str, Any]:
+    """Shared knob names in one family's native parameter names."""
+    names = {
+        "lgbm": {"learning_rate": "learning_rate", "max_depth": "max_depth", "num_leaves": "num_leaves",
+                 "min_child_samples": "min_data_in_leaf", "subsample": "bagging_fraction",
+                 "colsample": "feature_fraction", "reg_lambda": "lambda_l2"},
+        "catboost": {"learning_rate": "learning_rate", "max_depth": "depth", "subsample": "subsample",
+                     "colsample": "rsm", "reg_lambda": "l2_leaf_reg", "min_child_samples": "min_data_in_leaf"},
+        "xgboost": {"learning_rate": "eta", "max_depth": "max_depth", "subsample": "subsample",
+                    "colsample": "colsample_bytree", "reg_lambda": "lambda"},
+    }[model]
+    unknown = sorted(set(shared) - set(names))
+    if unknown:
+        raise StackError(f"{model}: cannot set {unknown}; settable: {sorted(names)}")
+    return {names[k]: v for k, v in shared.items()}
+
+
+def _variants(with_cnn: bool, cfg: StackConfig) -> dict[str, tuple[str, bool]]:
+    """name -> (model family, uses CNN features)."""
+    out = {m: (m, with_cnn) for m in cfg.models}
+    if with_cnn and cfg.train_tabular:
+        out |= {f"{TABULAR}{m}": (m, False) for m in cfg.models}
+    return out
+
+
+def _fit_fold(features: pd.DataFrame, folds: pd.DataFrame, k: int, cfg: StackConfig, with_cnn: bool,
+              artifacts: ArtifactPaths) -> pd.DataFrame:
+    """Train every variant on the other folds, score fold k, write the fold folder; return fold k's OOF."""
+    ff = artifacts.stack_fold(k)
+    train, val = folds["fold"].to_numpy() != k, folds["fold"].to_numpy() == k
+    y = folds[TARGET_COLUMN].to_numpy()
+    oof = pd.DataFrame({ID_COLUMN: folds.loc[val, ID_COLUMN].to_numpy()})
+    fitted, importance, metrics = {}, [], {}
+    for name, (model, cnn) in _variants(with_cnn, cfg).items():
+        cols = [c for c in features.columns if c != ID_COLUMN and (cnn or not c.startswith(CNN_PREFIX))]
+        est = estimator(cfg, model).fit(features.loc[train, cols], y[train])
+        oof[f"score_{name}"] = est.predict_proba(features.loc[val, cols])[:, 1]
+        metrics[name] = {"pauc": pauc(y[val], oof[f"score_{name}"]), "auc": roc_auc(y[val], oof[f"score_{name}"])}
+        fitted[name] = est
+        importance.append(pd.DataFrame({"model": name, "fold": k, "feature": est.importance_.index,
+                                        "importance": est.importance_.to_numpy()}))
+    with atomic_path(ff.dir / MODELS_FILE) as tmp, open(tmp, "wb") as fh:
+        pickle.dump(fitted, fh, protocol=pickle.HIGHEST_PROTOCOL)
+    with atomic_path(ff.dir / OOF_FILE) as tmp:
+        oof.to_parquet(tmp, index=False)
+    with atomic_path(ff.dir / IMPORTANCE_FILE) as tmp:
+        pd.concat(importance).to_csv(tmp, index=False)
+    write_json(ff.metrics, {"fold": k, "n_train": int(train.sum()), "n_val": int(val.sum()),
+                            "with_cnn": with_cnn, "models": metrics})
+    write_text(ff.done, "done\n")  # last: its presence means the fold finished
+    return oof
+
+
+def _fold_scores(y: np.ndarray, s: np.ndarray, fold: np.ndarray, k: int) -> dict[str, Any]:
+    p = [pauc(y[fold == i], s[fold == i]) for i in range(k)]
+    a = [roc_auc(y[fold == i], s[fold == i]) for i in range(k)]
+    return {"pauc": p, "pauc_mean": float(np.mean(p)), "pauc_std": float(np.std(p)),
+            "auc": a, "auc_mean": float(np.mean(a)), "auc_std": float(np.std(a)), "pauc_oof": pauc(y, s)}
+
+
+def _load_features(features: str | os.PathLike[str] | pd.DataFrame) -> pd.DataFrame:
+    return features.copy() if isinstance(features, pd.DataFrame) else pd.read_parquet(features)
+
+
+def train_stack(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str | os.PathLike[str],
+                artifacts: ArtifactPaths, cfg: StackConfig | None = None,
+                cnn_oof: str | os.PathLike[str] | pd.DataFrame | None = None,
+                log: Any = print) -> dict[str, Any]:
+    """Train the stacker on every fold; write fold models, oof_stack.parquet, cv.json, importances.
+
+    `cnn_oof` defaults to `artifacts.oof_cnn` when the feature table holds CNN features. A fold whose
+    DONE marker exists is reused (refused if its saved config differs). Returns the cv.json content.
+    """
+    cfg, tuned = apply_tuned_params(cfg or StackConfig(), artifacts)
+    if tuned:
+        log(f"using tuned params for {tuned['model']} from {tuned['source']}: {tuned['params']}")
+    folds = read_folds(folds_path)
+    feats = align_features(_load_features(features), folds)
+    with_cnn = cfg.use_cnn and has_cnn(feats)
+    oof_cnn = _cnn_oof(feats, folds, artifacts, cnn_oof, with_cnn)
+    if not with_cnn:
+        feats = feats[[c for c in feats.columns if not c.startswith(CNN_PREFIX)]]
+    n_folds = int(folds["fold"].max()) + 1
+    parts = []
+    for k in tqdm(range(n_folds), desc="stack folds", disable=None):
+        ff = artifacts.stack_fold(k)
+        if ff.config.is_file():
+            ensure_same_config(cfg, ff.config)
+        if ff.done.is_file():
+            log(f"fold {k}: finished before, reusing {ff.dir}")
+            parts.append(pd.read_parquet(ff.dir / OOF_FILE))
+            continue
+        save_config(cfg, ff.config)
+        parts.append(_fit_fold(feats, folds, k, cfg, with_cnn, artifacts))
+    oof = folds.merge(pd.concat(parts), on=ID_COLUMN, how="left", validate="one_to_one")
+    return _summarise(oof, oof_cnn, folds, cfg, with_cnn, tuned, artifacts, n_folds)
+
+
+def _cnn_oof(feats: pd.DataFrame, folds: pd.DataFrame, artifacts: ArtifactPaths,
+             cnn_oof: str | os.PathLike[str] | pd.DataFrame | None, with_cnn: bool) -> pd.DataFrame | None:
+    if cnn_oof is None and with_cnn:
+        if not artifacts.oof_cnn.is_file():
+            raise StackError(f"the features hold CNN scores but {artifacts.oof_cnn} does not exist to check "
+                             "that they are out-of-fold; pass cnn_oof or rebuild features without CNN scores")
+        cnn_oof = artifacts.oof_cnn
+    if cnn_oof is None:
+        return None
+    where = str(cnn_oof) if not isinstance(cnn_oof, pd.DataFrame) else "CNN OOF scores"
+    frame = cnn_oof if isinstance(cnn_oof, pd.DataFrame) else pd.read_parquet(cnn_oof)
+    oof = check_cnn_oof(frame, folds, where)
+    if with_cnn:
+        _check_features_match_oof(feats, oof)
+    return oof
+
+
+def _summarise(oof: pd.DataFrame, oof_cnn: pd.DataFrame | None, folds: pd.DataFrame, cfg: StackConfig,
+               with_cnn: bool, tuned: dict | None, artifacts: ArtifactPaths, n_folds: int) -> dict[str, Any]:
+    y, fold = oof[TARGET_COLUMN].to_numpy(), oof["fold"].to_numpy()
+    main = {m: oof[f"score_{m}"].to_numpy() for m in cfg.models}
+    weights = fit_blend_weights(main, y) if cfg.blend == "weights" and len(main) > 1 else None
+    oof["score"] = blend(main, weights)
+    tab_names = [f"{TABULAR}{m}" for m in cfg.models if f"score_{TABULAR}{m}" in oof]
+    if tab_names:
+        tab = {n: oof[f"score_{n}"].to_numpy() for n in tab_names}
+        oof["score_tabular"] = blend(tab, fit_blend_weights(tab, y) if weights else None)
+        oof = oof.drop(columns=[f"score_{n}" for n in tab_names])
+    elif not with_cnn:
+        oof["score_tabular"] = oof["score"]  # no CNN features: the blend is the tabular model
+    if oof_cnn is not None:
+        oof["score_cnn"] = oof_cnn["score"].to_numpy()
+    models = {m: _fold_scores(y, main[m], fold, n_folds) for m in cfg.models}
+    models["blend"] = _fold_scores(y, oof["score"].to_numpy(), fold, n_folds)
+    models["tabular"] = _fold_scores(y, oof["score_tabular"].to_numpy(), fold, n_folds)
+    if oof_cnn is not None:
+        models["cnn"] = _fold_scores(y, oof["score_cnn"].to_numpy(), fold, n_folds)
+    cols = [ID_COLUMN, "fold", TARGET_COLUMN, "score", *[f"score_{m}" for m in cfg.models], "score_tabular"]
+    oof = oof[cols + (["score_cnn"] if oof_cnn is not None else [])]
+    cv = {"metric": "pauc", "n_folds": n_folds, "n_rows": len(oof), "n_positives": int(y.sum()),
+          "models": models, "blend": {"method": cfg.blend, "weights": weights or {m: 1 / len(main) for m in main}},
+          "with_cnn": with_cnn, "tuned_params": tuned}
+    with atomic_path(artifacts.oof_stack) as tmp:
+        oof.to_parquet(tmp, index=False)
+    imp = pd.concat(pd.read_csv(artifacts.stack_fold(k).dir / IMPORTANCE_FILE) for k in range(n_folds))
+    with atomic_path(artifacts.feature_importance) as tmp:
+        imp.to_csv(tmp, index=False)
+    write_json(artifacts.cv_json, cv)
+    return cv
+
+
+def predict_stack(test_features: str | os.PathLike[str] | pd.DataFrame, artifacts: ArtifactPaths) -> pd.DataFrame:
+    """Score a test feature table with the saved fold models: mean over folds and seeds, then the blend
+    of training (cv.json). Returns DataFrame[isic_id, score]."""
+    feats = _load_features(test_features)
+    cv = read_json(artifacts.cv_json)
+    if cv["with_cnn"] and not has_cnn(feats):
+        raise StackError("the stacker was trained with CNN features, but the test features hold none: "
+                         "build them with the CNN's test scores")
+    names = [m for m in cv["blend"]["weights"]]
+    sums = {m: np.zeros(len(feats)) for m in names}
+    for k in range(cv["n_folds"]):
+        ff = artifacts.stack_fold(k)
+        if not ff.done.is_file():
+            raise StackError(f"{ff.dir}: fold {k} of the stacker did not finish; run train-stack first")
+        with open(ff.dir / MODELS_FILE, "rb") as fh:
+            fitted = pickle.load(fh)  # noqa: S301 - our own artifact
+        for m in names:
+            sums[m] += fitted[m].predict_proba(feats)[:, 1] / cv["n_folds"]
+    weights = cv["blend"]["weights"] if cv["blend"]["method"] == "weights" else None
+    return pd.DataFrame({ID_COLUMN: feats[ID_COLUMN].astype(str).to_numpy(), "score": blend(sums, weights)})
