@@ -70,6 +70,33 @@ def folds_cmd(
         typer.echo(f"  fold {fold}: {row['size']} lesions, {row['sum']} positives")
 
 
+@app.command("train-seg")
+def train_seg_cmd(
+    masks_dir: Annotated[
+        Path, typer.Argument(help="Folder of X.jpg + X_segmentation.png (ISIC 2018 Task 1 layout; subfolders ok).")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Artifacts root; writes segmenter/ under it.")] = Path(
+        "artifacts"
+    ),
+    config: Annotated[Optional[Path], typer.Option(help="Segmenter config YAML (configs/seg/).")] = None,  # noqa: UP045
+    epochs: Annotated[Optional[int], typer.Option(help="Override the config's epochs.")] = None,  # noqa: UP045
+    encoder: Annotated[Optional[str], typer.Option(help="Override the config's timm encoder.")] = None,  # noqa: UP045
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Train the U-Net lesion segmenter (BCE + Dice); report held-out Dice/IoU; save the best weights."""
+    from lesionstack.config import load_config
+    from lesionstack.paths import ArtifactPaths
+    from lesionstack.train_seg import SegConfig, train_segmenter
+
+    cfg = load_config(SegConfig, config, epochs=epochs, encoder=encoder)
+    m = train_segmenter(masks_dir, out, cfg, progress=progress)
+    typer.echo(
+        f"segmenter {m['encoder']}: held-out Dice {m['dice']:.4f}, IoU {m['iou']:.4f} (best epoch "
+        f"{m['best_epoch']} of {len(m['epochs'])}; {m['n_train']} train / {m['n_val']} val; {m['seconds']:.0f} s) "
+        f"-> {ArtifactPaths(out).segmenter.weights}"
+    )
+
+
 @app.command("train-cnn")
 def train_cnn_cmd(
     data_dir: DataDir,
@@ -99,6 +126,66 @@ def train_cnn_cmd(
                    f"{m['best_epoch']}, {m['n_train']} train / {m['n_val']} val")
     if "oof_pauc" in summary:
         typer.echo(f"OOF pAUC {summary['oof_pauc']:.4f}, AUC {summary['oof_auc']:.4f} -> {out}")
+
+
+@app.command("features")
+def features_cmd(
+    data_dir: DataDir,
+    out: Annotated[Path, typer.Option("--out", help="Artifacts root (features/, and oof_cnn/test_cnn if any).")] = Path(
+        "artifacts"
+    ),
+    cnn: Annotated[bool, typer.Option(help="Add the CNN's scores (oof_cnn/test_cnn.parquet) when present.")] = True,
+) -> None:
+    """Build the feature tables of train (and test) metadata: the same function for both."""
+    from lesionstack.features import write_feature_tables
+
+    for line in write_feature_tables(data_dir, out, use_cnn=cnn):
+        typer.echo(line)
+
+
+@app.command("tune")
+def tune_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Artifacts root (features, folds.csv, tune/).")] = Path(
+        "artifacts"
+    ),
+    config: Annotated[Optional[Path], typer.Option(help="Stack config YAML (configs/stack/).")] = None,  # noqa: UP045
+    model: Annotated[str, typer.Option(help="Family to tune: lgbm, catboost or xgboost.")] = "lgbm",
+    n_trials: Annotated[Optional[int], typer.Option(help="Trials for this process (none: until --timeout).")] = 20,  # noqa: UP045
+    timeout: Annotated[Optional[float], typer.Option(help="Stop starting trials after this many seconds.")] = None,  # noqa: UP045
+    storage: Annotated[
+        Optional[str], typer.Option(help="Optuna RDB URL shared by workers (default: sqlite OUT/tune/study.db).")  # noqa: UP045
+    ] = None,
+    study_name: Annotated[Optional[str], typer.Option(help="Study name (default: stack-MODEL).")] = None,  # noqa: UP045
+    seed: Annotated[int, typer.Option(help="Sampler seed (offset by the trials already stored).")] = 0,
+) -> None:
+    """Optuna study on the mean fold pAUC (resumable; several workers may share --storage)."""
+    from lesionstack.config import load_config
+    from lesionstack.paths import ArtifactPaths
+    from lesionstack.stack import StackConfig
+    from lesionstack.tune import tune
+
+    art = ArtifactPaths(out)
+    cfg = load_config(StackConfig, config)
+    tune(art.features_train, art.folds, art, cfg, model=model, n_trials=n_trials, timeout=timeout,
+         storage=storage, study_name=study_name, seed=seed, log=typer.echo)
+
+
+@app.command("train-stack")
+def train_stack_cmd(
+    out: Annotated[Path, typer.Option("--out", help="Artifacts root (features, folds.csv, oof_cnn, stack/).")] = Path(
+        "artifacts"
+    ),
+    config: Annotated[Optional[Path], typer.Option(help="Stack config YAML (configs/stack/).")] = None,  # noqa: UP045
+) -> None:
+    """Train LightGBM/CatBoost/XGBoost per fold, blend them; write oof_stack.parquet and cv.json."""
+    from lesionstack.config import load_config
+    from lesionstack.paths import ArtifactPaths
+    from lesionstack.stack import StackConfig, format_cv, train_stack
+
+    art = ArtifactPaths(out)
+    cv = train_stack(art.features_train, art.folds, art, load_config(StackConfig, config), log=typer.echo)
+    typer.echo(format_cv(cv))
+    typer.echo(f"wrote {art.oof_stack}, {art.cv_json}, {art.feature_importance}")
 
 
 @app.command("report")

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 
 import numpy as np
 import pandas as pd
@@ -296,3 +297,33 @@ def check_finite(features: pd.DataFrame, where: str = "features") -> None:
     if bad.any():
         row, col = np.argwhere(bad)[0]
         raise FeatureError(f"{where}: column {num.columns[col]!r} row {row} is not finite")
+
+
+def write_feature_tables(data_dir: str | os.PathLike[str], out: str | os.PathLike[str],
+                         use_cnn: bool = True) -> list[str]:
+    """The `features` stage: train (and test, when present) feature tables under the artifacts root.
+
+    CNN scores join when `use_cnn` and `oof_cnn.parquet` exists (test: `test_cnn.parquet`). Returns
+    one line per table written.
+    """
+    from lesionstack.data.metadata import read_metadata
+    from lesionstack.files import atomic_path
+    from lesionstack.paths import ArtifactPaths, DataPaths
+
+    data, art = DataPaths(data_dir), ArtifactPaths(out)
+    jobs = [("train", data.train_metadata, art.oof_cnn, art.features_train)]
+    if data.test_metadata.is_file():
+        jobs.append(("test", data.test_metadata, art.test_cnn, art.features_test))
+    with_cnn = use_cnn and art.oof_cnn.is_file()
+    lines = []
+    for kind, meta_path, cnn_path, target in jobs:
+        if with_cnn and not cnn_path.is_file():
+            raise FeatureError(f"{cnn_path}: CNN scores missing (the train table uses {art.oof_cnn}); "
+                               "run train-cnn to the end, or pass --no-cnn")
+        scores = pd.read_parquet(cnn_path)[[schema.ID_COLUMN, "score"]] if with_cnn else None
+        table = build_features(read_metadata(meta_path, kind=kind), scores, where=str(meta_path))
+        with atomic_path(target) as tmp:
+            table.to_parquet(tmp, index=False)
+        lines.append(f"{kind}: {len(table)} rows x {table.shape[1] - 1} features"
+                     f"{' (with CNN scores)' if with_cnn else ''} -> {target}")
+    return lines

@@ -437,11 +437,11 @@ def train_stack(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str
 
 def _cnn_oof(feats: pd.DataFrame, folds: pd.DataFrame, artifacts: ArtifactPaths,
              cnn_oof: str | os.PathLike[str] | pd.DataFrame | None, with_cnn: bool) -> pd.DataFrame | None:
+    if cnn_oof is None and artifacts.oof_cnn.is_file():
+        cnn_oof = artifacts.oof_cnn  # checked, and its pAUC recorded, even when the models do not use it
     if cnn_oof is None and with_cnn:
-        if not artifacts.oof_cnn.is_file():
-            raise StackError(f"the features hold CNN scores but {artifacts.oof_cnn} does not exist to check "
-                             "that they are out-of-fold; pass cnn_oof or rebuild features without CNN scores")
-        cnn_oof = artifacts.oof_cnn
+        raise StackError(f"the features hold CNN scores but {artifacts.oof_cnn} does not exist to check "
+                         "that they are out-of-fold; pass cnn_oof or rebuild features without CNN scores")
     if cnn_oof is None:
         return None
     where = str(cnn_oof) if not isinstance(cnn_oof, pd.DataFrame) else "CNN OOF scores"
@@ -506,3 +506,15 @@ def predict_stack(test_features: str | os.PathLike[str] | pd.DataFrame, artifact
             sums[m] += fitted[m].predict_proba(feats)[:, 1] / cv["n_folds"]
     weights = cv["blend"]["weights"] if cv["blend"]["method"] == "weights" else None
     return pd.DataFrame({ID_COLUMN: feats[ID_COLUMN].astype(str).to_numpy(), "score": blend(sums, weights)})
+
+
+def format_cv(cv: dict[str, Any]) -> str:
+    """cv.json as a few readable lines (mean +- std fold pAUC, OOF pAUC, per model)."""
+    lines = [f"{cv['n_rows']} rows, {cv['n_positives']} positives, {cv['n_folds']} folds; "
+             f"blend {cv['blend']['method']} {cv['blend']['weights']}"]
+    if cv.get("tuned_params"):
+        lines.append(f"tuned params for {cv['tuned_params']['model']} from {cv['tuned_params']['source']}")
+    for name, m in cv["models"].items():
+        lines.append(f"  {name:9s} pAUC {m['pauc_mean']:.4f} +- {m['pauc_std']:.4f} (OOF {m['pauc_oof']:.4f}), "
+                     f"AUC {m['auc_mean']:.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,134 @@
+"""Optuna tuning of one GBDT family of the stacker, on the mean fold pAUC.
+
+The study lives in SQLite at `artifacts.study_db` by default (`storage` takes any RDB URL, so several
+processes or machines can share one study), is created with `load_if_exists`, so a killed run resumes
+with its finished trials kept. Each trial reports the running mean fold pAUC after every fold and is
+pruned by a median pruner when it falls behind. The first trial of a new study is the untuned config,
+so the study itself says whether tuning beat the defaults. The best params are written to
+`artifacts.best_params`, which `train-stack` merges into its config.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+
+from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
+from lesionstack.features import CNN_PREFIX
+from lesionstack.files import write_json
+from lesionstack.folds import read_folds
+from lesionstack.metrics import optuna_objective_value, pauc
+from lesionstack.paths import ArtifactPaths
+from lesionstack.stack import StackConfig, StackError, align_features, estimator, with_params
+
+DEFAULT_TRIAL = "defaults"  # user attribute marking the trial that ran the untuned config
+
+
+def search_space(trial: optuna.Trial, model: str) -> dict[str, Any]:
+    """The knobs tuned for one family (shared names, mapped to native ones by `stack.with_params`)."""
+    params: dict[str, Any] = {
+        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.15, log=True),
+        "max_depth": trial.suggest_int("max_depth", 3, 8),
+        "subsample": trial.suggest_float("subsample", 0.5, 1.0),
+        "colsample": trial.suggest_float("colsample", 0.2, 0.9),
+        "reg_lambda": trial.suggest_float("reg_lambda", 1e-3, 10.0, log=True),
+    }
+    if model == "lgbm":
+        params["num_leaves"] = trial.suggest_int("num_leaves", 7, 127, log=True)
+    if model in ("lgbm", "catboost"):
+        params["min_child_samples"] = trial.suggest_int("min_child_samples", 5, 100, log=True)
+    return params
+
+
+def default_params(cfg: StackConfig, model: str) -> dict[str, Any]:
+    """The config's own values of the searched knobs (the baseline trial)."""
+    keys = ["learning_rate", "max_depth", "subsample", "colsample", "reg_lambda"]
+    keys += ["num_leaves"] * (model == "lgbm") + ["min_child_samples"] * (model in ("lgbm", "catboost"))
+    return {k: getattr(cfg, k) for k in keys}
+
+
+def cv_pauc(features: pd.DataFrame, folds: pd.DataFrame, cfg: StackConfig, model: str,
+            trial: optuna.Trial | None = None) -> float:
+    """Mean fold pAUC of one family; with a trial, report after each fold and prune when behind."""
+    cols = [c for c in features.columns if c != ID_COLUMN and (cfg.use_cnn or not c.startswith(CNN_PREFIX))]
+    y, fold = folds[TARGET_COLUMN].to_numpy(), folds["fold"].to_numpy()
+    scores: list[float] = []
+    for k in range(int(fold.max()) + 1):
+        tr, va = fold != k, fold == k
+        est = estimator(cfg, model).fit(features.loc[tr, cols], y[tr])
+        scores.append(pauc(y[va], est.predict_proba(features.loc[va, cols])[:, 1]))
+        if trial is not None:
+            trial.report(float(np.mean(scores)), step=k)
+            if trial.should_prune():
+                raise optuna.TrialPruned()
+    return optuna_objective_value(scores)
+
+
+def open_study(artifacts: ArtifactPaths, study_name: str, storage: str | None = None,
+               seed: int = 0) -> optuna.Study:
+    """Create or load the study (SQLite at artifacts.study_db unless `storage` names another RDB)."""
+    if storage is None:
+        artifacts.study_db.parent.mkdir(parents=True, exist_ok=True)
+        storage = f"sqlite:///{artifacts.study_db}"
+    rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}}
+                                     if storage.startswith("sqlite") else {})
+    # seed offset by the trials already stored: a resumed run or a second worker does not repeat them
+    n_before = 0
+    try:
+        n_before = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
+    except KeyError:
+        pass
+    return optuna.create_study(
+        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=seed + n_before),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+    )
+
+
+def tune(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str | os.PathLike[str],
+         artifacts: ArtifactPaths, cfg: StackConfig | None = None, model: str = "lgbm",
+         n_trials: int | None = 20, timeout: float | None = None, storage: str | None = None,
+         study_name: str | None = None, seed: int = 0, log: Any = print) -> dict[str, Any]:
+    """Run (or resume) the study, then write artifacts.best_params; returns its content."""
+    cfg = cfg or StackConfig()
+    if model not in cfg.models:
+        raise StackError(f"model {model!r} is not among the config's models {list(cfg.models)}")
+    folds = read_folds(folds_path)
+    feats = features if isinstance(features, pd.DataFrame) else pd.read_parquet(features)
+    feats = align_features(feats, folds)
+    name = study_name or f"stack-{model}"
+    study = open_study(artifacts, name, storage, seed)
+    if not study.trials:
+        study.enqueue_trial(default_params(cfg, model), user_attrs={DEFAULT_TRIAL: True})
+
+    def objective(trial: optuna.Trial) -> float:
+        return cv_pauc(feats, folds, with_params(cfg, model, search_space(trial, model)), model, trial)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=True)
+    return _save_best(study, model, artifacts, log)
+
+
+def _save_best(study: optuna.Study, model: str, artifacts: ArtifactPaths, log: Any) -> dict[str, Any]:
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise StackError(f"study {study.study_name!r} has no finished trial yet; run more trials")
+    best = study.best_trial
+    baseline = next((t.value for t in done if t.user_attrs.get(DEFAULT_TRIAL)), None)
+    states = pd.Series([t.state.name for t in study.trials]).value_counts().to_dict()
+    out = {"model": model, "params": best.params, "best_value": best.value, "trial": best.number,
+           "default_value": baseline, "improved": baseline is not None and best.value > baseline,
+           "study_name": study.study_name, "n_trials": len(study.trials), "trial_states": states}
+    write_json(artifacts.best_params, out)
+    if baseline is None:
+        log(f"best mean fold pAUC {best.value:.4f} (trial {best.number}); the default trial has not finished")
+    elif out["improved"]:
+        log(f"tuning improved the mean fold pAUC of {model} from {baseline:.4f} (defaults) to {best.value:.4f}")
+    else:
+        log(f"tuning did not improve on the defaults ({baseline:.4f}); best params are the defaults'")
+    log(f"{len(study.trials)} trials {states}; wrote {artifacts.best_params}")
+    return out

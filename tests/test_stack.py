@@ -1,0 +1,131 @@
+"""The GBDT stacker: estimator contract, the stage's artifacts and resume, the no-leakage guards.
+
+Data: the 1,000 real metadata rows with a synthetic target (a tabular cue plus a hidden "image" cue) and,
+in place of a trained CNN, a PROXY CNN score: a noisy function of the hidden image cue (test-only).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.base import clone
+
+from lesionstack.config import ConfigError
+from lesionstack.features import build_features
+from lesionstack.folds import assign_folds
+from lesionstack.paths import ArtifactPaths
+from lesionstack.stack import (
+    GBDTStacker,
+    StackConfig,
+    StackError,
+    check_cnn_oof,
+    predict_stack,
+    train_stack,
+    undersample,
+)
+
+REAL_META = Path("/work/shared/data/isic2024-real-metadata/train-metadata-first1000-no-target.csv")
+TINY = dict(seeds=(0,), n_rounds=20, learning_rate=0.1, max_depth=3, num_leaves=7, neg_pos_ratio=10.0,
+            n_jobs=1, params={"catboost": {"border_count": 16}})
+
+
+def make_stack_inputs(root: Path, n: int = 600) -> tuple[pd.DataFrame, ArtifactPaths, pd.DataFrame]:
+    """Features (with proxy CNN scores), artifacts with folds.csv, and the proxy CNN OOF frame."""
+    meta = pd.read_csv(REAL_META).head(n).reset_index(drop=True)
+    rng = np.random.default_rng(0)
+    tab = np.log1p(meta["tbp_lv_areaMM2"]) + meta["tbp_lv_deltaLBnorm"] / meta["tbp_lv_deltaLBnorm"].std()
+    tab = (tab - tab.mean()) / tab.std()
+    image_cue = rng.normal(size=n)
+    latent = tab + image_cue + 0.5 * rng.normal(size=n)
+    meta["target"] = (latent > np.quantile(latent, 0.92)).astype(int)
+    art = ArtifactPaths(root)
+    folds = assign_folds(meta, n_folds=3, seed=0)
+    art.root.mkdir(parents=True, exist_ok=True)
+    folds.to_csv(art.folds, index=False)
+    proxy = 1 / (1 + np.exp(-(image_cue + 0.7 * rng.normal(size=n))))  # PROXY CNN score, not a model
+    cnn_oof = pd.DataFrame({"isic_id": meta["isic_id"], "fold": folds["fold"], "score": proxy})
+    return build_features(meta, cnn_oof[["isic_id", "score"]]), art, cnn_oof
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, ArtifactPaths, pd.DataFrame, dict]:
+    feats, art, cnn = make_stack_inputs(tmp_path_factory.mktemp("stack"))
+    cv = train_stack(feats, art.folds, art, StackConfig(**TINY), cnn_oof=cnn, log=lambda m: None)
+    return feats, art, cnn, cv
+
+
+def test_estimator_contract_and_determinism() -> None:
+    rng = np.random.default_rng(0)
+    X = pd.DataFrame({"a": rng.normal(size=300), "b": rng.normal(size=300), "cat_sex": rng.integers(0, 4, 300)})
+    y = (X["a"] + 0.3 * rng.normal(size=300) > 1.2).astype(int).to_numpy()
+    for model in ("lgbm", "catboost", "xgboost"):
+        est = GBDTStacker(model=model, seeds=(0, 1), n_rounds=15, n_jobs=1, neg_pos_ratio=3)
+        assert clone(est).get_params() == est.get_params()
+        assert est.fit(X, y) is est and len(est.boosters_) == 2
+        p = est.predict_proba(X)
+        assert p.shape == (300, 2) and np.allclose(p.sum(1), 1)
+        assert np.allclose(p, clone(est).fit(X, y).predict_proba(X))  # fixed seeds: same model
+        assert est.categorical_features_ == ["cat_sex"] and np.isclose(est.importance_.sum(), 1)
+    idx = undersample(y, 2.0, seed=0)
+    assert y[idx].sum() == y.sum() and (y[idx] == 0).sum() == 2 * y.sum()
+    with pytest.raises(StackError, match="not fitted"):
+        GBDTStacker().predict_proba(X)
+
+
+def test_train_stack_writes_every_artifact(trained: tuple) -> None:
+    feats, art, cnn, cv = trained
+    assert set(cv["models"]) == {"lgbm", "catboost", "xgboost", "blend", "tabular", "cnn"}
+    for m in cv["models"].values():
+        assert len(m["pauc"]) == 3 and 0 <= m["pauc_mean"] <= 0.2 and {"auc_mean", "pauc_std", "pauc_oof"} <= set(m)
+    assert cv["n_rows"] == len(feats) and cv["with_cnn"] and cv["blend"]["method"] == "rank_mean"
+    oof = pd.read_parquet(art.oof_stack)
+    assert list(oof.columns) == ["isic_id", "fold", "target", "score", "score_lgbm", "score_catboost",
+                                 "score_xgboost", "score_tabular", "score_cnn"]
+    assert oof["isic_id"].is_unique and len(oof) == len(feats)
+    assert np.allclose(oof.set_index("isic_id").loc[cnn["isic_id"], "score_cnn"], cnn["score"])
+    names = [sorted(p.name for p in art.stack_fold(k).dir.iterdir()) for k in range(3)]
+    assert names[0] == names[1] == names[2] and {"DONE", "config.yaml", "metrics.json"} <= set(names[0])
+    imp = pd.read_csv(art.feature_importance)
+    assert np.allclose(imp.groupby(["model", "fold"])["importance"].sum(), 1)
+    assert not imp.loc[imp["model"].str.startswith("tabular_"), "feature"].str.startswith("cnn_").any()
+    # the tabular cue and the proxy image cue are both needed: the blend must beat each half alone
+    assert cv["models"]["blend"]["pauc_oof"] > max(cv["models"]["tabular"]["pauc_oof"], cv["models"]["cnn"]["pauc_oof"])
+
+
+def test_rerun_skips_finished_folds_refuses_other_config_and_predicts(trained: tuple) -> None:
+    feats, art, cnn, cv = trained
+    before = art.stack_fold(0).done.stat().st_mtime_ns
+    msgs: list[str] = []
+    again = train_stack(feats, art.folds, art, StackConfig(**TINY), cnn_oof=cnn, log=msgs.append)
+    assert again["models"] == cv["models"] and art.stack_fold(0).done.stat().st_mtime_ns == before
+    assert sum("reusing" in m for m in msgs) == 3
+    with pytest.raises(ConfigError, match="n_rounds"):
+        train_stack(feats, art.folds, art, StackConfig(**{**TINY, "n_rounds": 21}), cnn_oof=cnn)
+    pred = predict_stack(feats.head(40), art)
+    assert list(pred.columns) == ["isic_id", "score"] and len(pred) == 40 and pred["score"].between(0, 1).all()
+    with pytest.raises(StackError, match="test features hold none"):
+        predict_stack(feats.head(40).drop(columns=[c for c in feats if c.startswith("cnn_")]), art)
+
+
+def test_cnn_oof_guards(tmp_path: Path) -> None:
+    feats, art, cnn = make_stack_inputs(tmp_path, n=200)
+    folds = pd.read_csv(art.folds)
+    cfg = StackConfig(**TINY)
+    with pytest.raises(StackError, match=r"1 row\(s\) missing .*ISIC_"):
+        train_stack(feats, art.folds, art, cfg, cnn_oof=cnn.iloc[1:])
+    with pytest.raises(StackError, match=r"2 duplicated"):
+        check_cnn_oof(pd.concat([cnn, cnn.head(2)]), folds)
+    shifted = cnn.assign(fold=(cnn["fold"] + 1) % 3)
+    with pytest.raises(StackError, match=rf"other folds: {len(cnn)} row\(s\)"):
+        train_stack(feats, art.folds, art, cfg, cnn_oof=shifted)
+    other = cnn.assign(score=cnn["score"][::-1].to_numpy())  # right folds, but not the featurised scores
+    with pytest.raises(StackError, match="rebuild the features"):
+        train_stack(feats, art.folds, art, cfg, cnn_oof=other)
+    with pytest.raises(StackError, match="does not exist"):
+        train_stack(feats, art.folds, art, cfg)
+    with pytest.raises(StackError, match="1 training row"):
+        train_stack(feats.iloc[1:], art.folds, art, cfg, cnn_oof=cnn)
+    assert not art.stack_dir.exists()  # every refusal came before any training
