@@ -25,6 +25,7 @@ from lesionstack.report.stats import (
     calibration_bins,
     confusion_at_sensitivity,
     operating_points,
+    risk_by_rank,
 )
 
 N_FOLDS = 5
@@ -38,7 +39,8 @@ ALL_FIGURES = ["roc.png", "calibration.png", "importance.png", "cnn_training.png
 
 
 def _oof(rng: np.random.Generator, n_patients: int = 60) -> pd.DataFrame:
-    """Lesions clustered in patients; every model's score carries signal plus a shared patient offset."""
+    """Lesions clustered in patients (a shared per-patient risk offset); every model scores the true risk
+    plus noise."""
     sizes = rng.integers(8, 25, n_patients)
     patient = np.repeat(np.arange(n_patients), sizes)
     offset = rng.normal(0, 1.0, n_patients)[patient]
@@ -47,8 +49,10 @@ def _oof(rng: np.random.Generator, n_patients: int = 60) -> pd.DataFrame:
     frame = pd.DataFrame({"isic_id": [f"ISIC_{i:07d}" for i in range(patient.size)],
                           "patient_id": [f"IP_{p:06d}" for p in patient], "fold": patient % N_FOLDS,
                           "target": target, "truth": truth})
-    for name, strength in (("lgbm", 2.0), ("catboost", 2.2), ("xgboost", 1.9), ("tabular", 1.6), ("cnn", 1.0)):
-        logit = -3.0 + strength * target + 0.8 * offset + rng.normal(0, 1.0, patient.size)
+    truth_logit = np.log(truth / (1 - truth))
+    for name, noise in (("lgbm", 0.6), ("catboost", 0.5), ("xgboost", 0.7), ("tabular", 0.8), ("cnn", 1.4)):
+        # noisy copies of the true risk: below the best possible pAUC, as a real model is
+        logit = 0.5 + truth_logit + rng.normal(0, noise, patient.size)
         frame[f"score_{name}"] = 1 / (1 + np.exp(-logit))
     frame["score"] = frame[["score_lgbm", "score_catboost", "score_xgboost"]].mean(axis=1)
     assert frame.groupby("fold")["target"].sum().min() >= 2, "fixture needs positives in every fold"
@@ -242,6 +246,25 @@ def test_cv_json_disagreeing_with_the_oof_file_is_flagged(tmp_path):
     write_json(paths.cv_json, cv)
     page = write_report(paths.root, config=FAST).read_text()
     assert "cv.json models.lgbm.pauc differs from oof_stack.parquet" in page
+
+
+def test_a_rank_blend_gets_risk_by_rank_instead_of_a_calibration_curve(tmp_path):
+    paths = make_artifacts(tmp_path, full=False)
+    cv = read_json(paths.cv_json)
+    cv["blend"]["method"] = "rank_mean"
+    write_json(paths.cv_json, cv)
+    page = write_report(paths.root, config=FAST).read_text()
+    assert "averages rank-normalised scores" in page and "Risk by blend rank" in page
+    _assert_real_png(paths.report_dir / "calibration.png")  # still drawn for the GBDTs' probabilities
+
+
+def test_risk_by_rank_on_a_worked_example():
+    y = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 1])
+    p = np.arange(10, 0, -1) / 10  # already in score order
+    risk = risk_by_rank(y, p, fractions=(0.1, 0.3, 1.0))
+    assert risk["lesions"].tolist() == [1, 3, 10]
+    assert risk["cancers"].tolist() == [1, 2, 3]
+    assert risk["captured"].tolist() == pytest.approx([1 / 3, 2 / 3, 1.0])
 
 
 def test_required_inputs_fail_clearly(tmp_path):

@@ -78,7 +78,7 @@ def _summary(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     if blend:
         weights = ", ".join(f"{k} {v:.3g}" for k, v in (blend.get("weights") or {}).items())
         rows.append(["Blend", f"{blend.get('method', '?')}" + (f" ({weights})" if weights else "")])
-    return h.section("Run", h.table(["", ""], rows))
+    return h.section("Run", h.table(["Item", "Value"], rows))
 
 
 def _roc_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
@@ -136,8 +136,8 @@ def _operating_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> st
                                     cfg.sensitivity_target)
         rows.append([MODEL_LABELS[m], f"{op.sens_at_spec:.1%}", f"{op.threshold_at_spec:.4g}",
                      f"{op.spec_at_sens:.1%}", f"{op.threshold_at_sens:.4g}"])
-    header = ["Model", f"Sensitivity at {cfg.specificity_target:.0%} specificity", "threshold",
-              f"Specificity at {cfg.sensitivity_target:.0%} sensitivity", "threshold"]
+    header = ["Model", f"Sensitivity at {cfg.specificity_target:.0%} specificity", "at score ≥",
+              f"Specificity at {cfg.sensitivity_target:.0%} sensitivity", "at score ≥"]
     cm = stats.confusion_at_sensitivity(oof["target"], oof["score"], cfg.stated_sensitivity)
     return h.section(
         "3. Operating points (pooled OOF)", h.table(header, rows, _blend_rows(dict.fromkeys(inputs.oof_models))),
@@ -151,23 +151,42 @@ def _operating_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> st
     )
 
 
+RANK_BLENDS = ("rank_mean", "weights")  # stack.py blends rank-normalised scores in both modes
+
+
 def _calibration_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
-    p = inputs.oof["score"].to_numpy(dtype=float)
-    if p.min() < 0 or p.max() > 1:
-        return h.section("4. Calibration", h.note("The blend score is not a probability (outside [0, 1]); "
-                                                   "no calibration curve."))
-    bins = stats.calibration_bins(inputs.oof["target"], p, cfg.calibration_bins, cfg.calibration_min_bin)
-    figures.calibration_figure(bins, out / "calibration.png", cfg.dpi)
-    parts = [h.figure("calibration.png", "Observed malignant rate against the mean blend score per bin; "
-                      "bins are score quantiles that get finer towards the top, where the positives are.")]
+    oof = inputs.oof
     method = str((inputs.cv.get("blend") or {}).get("method", ""))
-    if "rank" in method.lower():
-        parts.append(h.note(f"The blend method is {method!r}: its score is a rank, not a probability, so this "
-                            "curve shows how risk rises with rank rather than calibration."))
-    table_rows = [[i, f"{r.mean_score:.4g}", int(r.n), int(r.positives), f"{r.observed:.4f}",
-                   f"[{r.low:.4f}, {r.high:.4f}]"] for i, r in enumerate(bins.itertuples())]
-    parts.append(h.table(["bin", "mean score", "lesions", "positives", "observed rate", "Wilson 95%"], table_rows))
-    return h.section("4. Calibration of the blend", *parts)
+    blend_is_rank = method in RANK_BLENDS or "rank" in method.lower()
+    names = [m for m in ("blend", "lgbm", "catboost", "xgboost", "cnn") if m in inputs.oof_models
+             and not (m == "blend" and blend_is_rank) and _is_probability(oof[MODEL_COLUMNS[m]])]
+    parts = []
+    if names:
+        curves = {m: stats.calibration_bins(oof["target"], oof[MODEL_COLUMNS[m]], cfg.calibration_bins,
+                                            cfg.calibration_min_bin) for m in names}
+        figures.calibration_figure(curves, out / "calibration.png", cfg.dpi)
+        parts.append(h.figure("calibration.png", "Observed malignant rate against the mean score per bin; bins "
+                              "are score quantiles that get finer towards the top, where the positives are. "
+                              "GBDTs trained on undersampled negatives (and a CNN trained on balanced batches) "
+                              "overstate the risk by design: their curves lie below the diagonal."))
+    if blend_is_rank:
+        parts.append(h.note(f"The blend ({method!r}) averages rank-normalised scores: it orders lesions but is not "
+                            "a probability, so it has no calibration curve; the table below gives the risk by "
+                            "rank instead."))
+    return h.section("4. Calibration and risk by rank", *parts, _risk_table(oof))
+
+
+def _is_probability(score: pd.Series) -> bool:
+    return bool(score.between(0.0, 1.0).all())
+
+
+def _risk_table(oof: pd.DataFrame) -> str:
+    risk = stats.risk_by_rank(oof["target"], oof["score"])
+    rows = [[f"top {r.fraction:.1%}", r.lesions, r.cancers, f"{r.rate:.2%}", f"{r.captured:.1%}"]
+            for r in risk.itertuples()]
+    return ("<h3>Risk by blend rank (pooled OOF)</h3>" + h.table(
+        ["Lesions flagged", "lesions", "cancers", "malignant rate", "share of all cancers"], rows)
+        + h.paragraph(f"Base rate: {oof['target'].mean():.2%} of lesions are malignant."))
 
 
 def _importance_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:

@@ -16,6 +16,8 @@ from lesionstack.metrics import pauc
 
 COLORS = {"blend": "#1f4e99", "tabular": "#2a9d55", "cnn": "#d1495b",
           "lgbm": "#8d6a9f", "catboost": "#e09f3e", "xgboost": "#4c8a9b"}
+MODEL_NAMES = {"blend": "Stacked blend", "tabular": "Tabular only", "cnn": "CNN", "lgbm": "LightGBM",
+               "catboost": "CatBoost", "xgboost": "XGBoost"}
 FOLD_CMAP = "tab10"
 MIN_TPR = 0.8
 
@@ -86,39 +88,52 @@ def _roc_zoom(ax: Any, oof: pd.DataFrame, models: list[tuple[str, str, str]]) ->
     ax.legend(loc="lower right", fontsize=8, title="pAUC (max 0.2)", title_fontsize=8)
 
 
-def calibration_figure(bins: pd.DataFrame, path: Path, dpi: int = 110) -> Path:
-    """Reliability diagram on log-log axes (Wilson 95% bars) above the lesions and positives per bin.
-
-    Bins with no positive are drawn as open triangles at the axis floor (a log axis cannot show 0).
-    """
-    fig = new_figure(6.4, 6.8)
+def calibration_figure(curves: dict[str, pd.DataFrame], path: Path, dpi: int = 110) -> Path:
+    """Reliability diagram on log-log axes (Wilson 95% bars; `curves`: model name -> its bins) above the
+    lesions and positives per bin of the first model. Bins with no positive are drawn as open triangles at
+    the axis floor (a log axis cannot show 0)."""
+    fig = new_figure(6.6, 7.0)
     top, bottom = fig.subplots(2, 1, height_ratios=[2.2, 1])
-    floor = 0.5 / bins["n"].max()
-    x = bins["mean_score"].clip(lower=1e-6).to_numpy()
-    has = bins["positives"].to_numpy() > 0
-    err = np.vstack([(bins["observed"] - bins["low"]).to_numpy(), (bins["high"] - bins["observed"]).to_numpy()])
-    top.errorbar(x[has], bins["observed"][has], yerr=err[:, has], fmt="o-", color=COLORS["blend"],
-                 capsize=3, label="observed rate (Wilson 95%)")
-    if (~has).any():
-        top.scatter(x[~has], np.full((~has).sum(), floor), marker="v", facecolors="none",
-                    edgecolors=COLORS["blend"], label="bin with no positive")
-    lo = min(x.min(), floor) / 1.5
-    top.plot([lo, 1], [lo, 1], color="#999999", linestyle=":", label="perfect calibration")
+    floor = 0.5 / max(b["n"].max() for b in curves.values())
+    lowest = floor
+    for i, (name, bins) in enumerate(curves.items()):
+        lowest = min(lowest, _reliability(top, bins, name, floor, with_bars=i == 0))
+    top.scatter([], [], marker="v", facecolors="none", edgecolors="#555555", label="bin with no positive")
+    top.plot([lowest / 1.5, 1], [lowest / 1.5, 1], color="#999999", linestyle=":", label="perfect calibration")
     top.set(xscale="log", yscale="log", xlabel="Mean predicted score in bin", ylabel="Observed malignant rate",
-            ylim=(floor / 1.5, 1.2), title="Calibration of the blend (quantile bins, finer at the top)")
+            ylim=(floor / 1.5, 1.2), title="Calibration (quantile bins, finer at the top)")
     top.legend(fontsize=8, loc="upper left")
-    _bin_counts(bottom, bins)
+    first = next(iter(curves))
+    _bin_counts(bottom, curves[first], MODEL_NAMES.get(first, first))
     return save_png(fig, path, dpi)
 
 
-def _bin_counts(ax: Any, bins: pd.DataFrame) -> None:
+def _reliability(ax: Any, bins: pd.DataFrame, name: str, floor: float, with_bars: bool) -> float:
+    """One model's curve; only the first carries Wilson 95% bars, to keep five curves readable."""
+    color = COLORS.get(name, "#333333")
+    x = bins["mean_score"].clip(lower=1e-6).to_numpy()
+    has = bins["positives"].to_numpy() > 0
+    label = MODEL_NAMES.get(name, name) + (" (Wilson 95%)" if with_bars else "")
+    if with_bars:
+        err = np.vstack([(bins["observed"] - bins["low"]).to_numpy(), (bins["high"] - bins["observed"]).to_numpy()])
+        ax.errorbar(x[has], bins["observed"][has], yerr=err[:, has], fmt="o-", color=color, capsize=3,
+                    markersize=5, linewidth=2, label=label, zorder=3)
+    else:
+        ax.plot(x[has], bins["observed"][has], "o-", color=color, markersize=3, linewidth=1.1, alpha=0.75,
+                label=label)
+    if (~has).any():
+        ax.scatter(x[~has], np.full((~has).sum(), floor), marker="v", facecolors="none", edgecolors=color)
+    return float(x.min())
+
+
+def _bin_counts(ax: Any, bins: pd.DataFrame, label: str) -> None:
     pos = np.arange(len(bins))
     ax.bar(pos - 0.2, bins["n"], width=0.4, color="#c9d3e6", label="lesions")
     ax.bar(pos + 0.2, bins["positives"], width=0.4, color=COLORS["cnn"], label="positives")
     for i, (n, k) in enumerate(zip(bins["n"], bins["positives"])):
         ax.annotate(f"{int(k)}/{int(n)}", (i, max(n, 1)), ha="center", va="bottom", fontsize=7)
     ax.set_xticks(pos, [f"{v:.2g}" for v in bins["mean_score"]], fontsize=7, rotation=45)
-    ax.set(yscale="log", ylim=(0.7, bins["n"].max() * 4), xlabel="Bin (mean predicted score)",
+    ax.set(yscale="log", ylim=(0.7, bins["n"].max() * 4), xlabel=f"Bins of {label} (mean predicted score)",
            ylabel="Count (log)")
     ax.legend(fontsize=8, loc="upper right", ncol=2)
 

@@ -226,3 +226,22 @@ def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, 
     centre = (phat + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * np.sqrt(phat * (1 - phat) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
     return np.maximum(centre - half, 0.0), np.minimum(centre + half, 1.0)
+
+
+def risk_by_rank(y_true: ArrayLike, y_score: ArrayLike,
+                 fractions: tuple[float, ...] = (0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2)) -> pd.DataFrame:
+    """For the top fraction f of lesions by score: lesions, cancers, malignant rate and share of all cancers.
+
+    Meaningful for any score, a rank included; ties at the cut are kept together (score >= the cut score).
+    """
+    y = np.asarray(y_true, dtype=float)
+    p = np.asarray(y_score, dtype=float)
+    ordered = np.sort(p)[::-1]
+    rows = []
+    for f in fractions:
+        k = max(int(round(f * p.size)), 1)
+        flagged = p >= ordered[k - 1]
+        n, cancers = int(flagged.sum()), float(y[flagged].sum())
+        rows.append({"fraction": f, "lesions": n, "cancers": int(cancers), "rate": cancers / n,
+                     "captured": cancers / max(y.sum(), 1.0)})
+    return pd.DataFrame(rows)
