@@ -7,13 +7,12 @@
 Importing this package does not import timm; building a model does (offline, local weights only).
 """
 
+from lesionstack.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lesionstack.models.classifier import build_classifier
 from lesionstack.models.factory import ModelConfig, build_model, param_groups
 from lesionstack.models.gated import GATES, GatedClassifier
 from lesionstack.models.segmenter import (
     DEFAULT_DECODER_CHANNELS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     UNetSegmenter,
     WeightsError,
     build_segmenter,

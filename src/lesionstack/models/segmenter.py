@@ -25,12 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lesionstack.data.augment import normalize, to_float
 from lesionstack.files import atomic_path
 
 # Deepest decoder stage first; the last entry is the full-resolution head. Small on purpose (CPU).
 DEFAULT_DECODER_CHANNELS: tuple[int, ...] = (128, 64, 32, 16, 16)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class WeightsError(ValueError):
@@ -192,10 +191,7 @@ def normalize_uint8(images: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = x[None]
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected (N,H,W,3) uint8 images, got shape {tuple(x.shape)}")
-    x = x.permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return normalize(to_float(x.permute(0, 3, 1, 2)))
 
 
 @torch.no_grad()
