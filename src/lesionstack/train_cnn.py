@@ -238,9 +238,10 @@ def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt:
         total += float(loss.detach()) * len(y)
         count += len(y)
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
-    sums = torch.tensor([total, float(count)], dtype=torch.float64)
+    sums = torch.tensor([total, float(count)], dtype=torch.float64, device=rt.device)  # nccl: on the GPU
     if rt.ctx.active:
         torch_dist.all_reduce(sums)
+    sums = sums.cpu()
     seconds = time.perf_counter() - start
     return float(sums[0] / max(sums[1], 1.0)), float(sums[1]) / seconds
 
