@@ -571,6 +571,7 @@ def write_demo_data(out_dir: str | os.PathLike[str], spec: DemoSpec | None = Non
     tables = make_tables(spec)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished data folder is an ordinary one
     try:
         _write_files(DataPaths(tmp), tables, spec, workers)
         _replace_dir(tmp, out)
