@@ -258,6 +258,21 @@ def test_a_rank_blend_gets_risk_by_rank_instead_of_a_calibration_curve(tmp_path)
     _assert_real_png(paths.report_dir / "calibration.png")  # still drawn for the GBDTs' probabilities
 
 
+def test_a_stack_without_cnn_features_draws_the_blend_once(tmp_path):
+    paths = make_artifacts(tmp_path, full=False)
+    oof = pd.read_parquet(paths.oof_stack)
+    oof.assign(score_tabular=oof["score"]).drop(columns=["score_cnn"]).to_parquet(paths.oof_stack)
+    cv = read_json(paths.cv_json)
+    cv["models"]["tabular"] = cv["models"]["blend"]
+    del cv["models"]["cnn"]
+    write_json(paths.cv_json, cv)
+    page = write_report(paths.root, config=FAST).read_text()
+    assert "No CNN scores" in page and "Not in the OOF file, so not drawn: CNN alone" in page
+    assert "CNN alone" not in _table_rows(page, "ROC AUC")
+    with Image.open(paths.report_dir / "roc.png") as img:
+        assert img.width > 2 * img.height  # one row: the blend and the zoom, no empty panel
+
+
 def test_risk_by_rank_on_a_worked_example():
     y = np.array([1, 0, 1, 0, 0, 0, 0, 0, 0, 1])
     p = np.arange(10, 0, -1) / 10  # already in score order

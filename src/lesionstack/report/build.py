@@ -83,7 +83,12 @@ def _summary(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
 
 def _roc_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     models = [(m, MODEL_LABELS[m], MODEL_COLUMNS[m]) for m in ROC_MODELS if m in inputs.oof_models]
-    figures.roc_figure(inputs.oof, models, out / "roc.png", cfg.dpi)
+    oof = inputs.oof
+    if "tabular" in inputs.oof_models and oof["score_tabular"].equals(oof["score"]):
+        # a stack without CNN features: the tabular blend is the blend; draw it once
+        models = [(m, "Stacked blend = tabular (no CNN features)" if m == "blend" else label, col)
+                  for m, label, col in models if m != "tabular"]
+    figures.roc_figure(oof, models, out / "roc.png", cfg.dpi)
     missing = [MODEL_LABELS[m] for m in ROC_MODELS if m not in inputs.oof_models]
     parts = [h.figure("roc.png", "ROC of the out-of-fold scores. Faint: one curve per fold; bold: the pooled "
                       "OOF curve. Shaded: the pAUC region (sensitivity ≥ 80%), whose area is the metric.")]

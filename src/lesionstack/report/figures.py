@@ -48,13 +48,12 @@ def roc_figure(oof: pd.DataFrame, models: list[tuple[str, str, str]], path: Path
 
     `models` lists (name, label, score column).
     """
-    fig = new_figure(4.2 * 2, 3.9 * 2)
-    axes = fig.subplots(2, 2).ravel()
+    rows, cols = (2, 2) if len(models) == 3 else (1, len(models) + 1)
+    fig = new_figure(4.2 * cols, 3.9 * rows)
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
     for ax, (name, label, col) in zip(axes, models):
         _roc_panel(ax, oof, col, label, COLORS.get(name, "#333333"))
-    for ax in axes[len(models):-1]:
-        ax.set_axis_off()
-    _roc_zoom(axes[-1], oof, models)
+    _roc_zoom(axes[len(models)], oof, models)
     return save_png(fig, path, dpi)
 
 
