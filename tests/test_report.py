@@ -370,3 +370,12 @@ def test_calibration_bins_are_finer_at_the_top():
     assert bins["n"].iloc[-1] < bins["n"].iloc[0] and bins["n"].iloc[-1] >= 40
     assert bins["mean_score"].is_monotonic_increasing
     assert ((bins["low"] <= bins["observed"]) & (bins["observed"] <= bins["high"])).all()
+
+
+def test_wilson_interval_holds_its_estimate_at_the_extremes():
+    from lesionstack.report.stats import _wilson
+
+    n = np.arange(1, 400)
+    for k in (n, np.zeros_like(n), n // 2):
+        low, high = _wilson(k, n)
+        assert (low <= k / n).all() and (k / n <= high).all() and (low >= 0).all() and (high <= 1).all()

@@ -225,7 +225,8 @@ def _wilson(k: np.ndarray, n: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, 
     phat = k / n
     centre = (phat + z**2 / (2 * n)) / (1 + z**2 / n)
     half = z * np.sqrt(phat * (1 - phat) / n + z**2 / (4 * n**2)) / (1 + z**2 / n)
-    return np.maximum(centre - half, 0.0), np.minimum(centre + half, 1.0)
+    # rounding can put phat a hair outside its own interval when k = n or k = 0; keep it inside
+    return np.clip(centre - half, 0.0, phat), np.clip(centre + half, phat, 1.0)
 
 
 def risk_by_rank(y_true: ArrayLike, y_score: ArrayLike,
