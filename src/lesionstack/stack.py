@@ -423,9 +423,8 @@ def train_stack(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str
     parts = []
     for k in tqdm(range(n_folds), desc="stack folds", disable=None):
         ff = artifacts.stack_fold(k)
-        if ff.config.is_file():
-            ensure_same_config(cfg, ff.config)
         if ff.done.is_file():
+            ensure_same_config(cfg, ff.config)
             log(f"fold {k}: finished before, reusing {ff.dir}")
             parts.append(pd.read_parquet(ff.dir / OOF_FILE))
             continue
@@ -469,11 +468,12 @@ def _summarise(oof: pd.DataFrame, oof_cnn: pd.DataFrame | None, folds: pd.DataFr
         oof["score_cnn"] = oof_cnn["score"].to_numpy()
     models = {m: _fold_scores(y, main[m], fold, n_folds) for m in cfg.models}
     models["blend"] = _fold_scores(y, oof["score"].to_numpy(), fold, n_folds)
-    models["tabular"] = _fold_scores(y, oof["score_tabular"].to_numpy(), fold, n_folds)
+    if "score_tabular" in oof:  # absent only with CNN features and train_tabular false
+        models["tabular"] = _fold_scores(y, oof["score_tabular"].to_numpy(), fold, n_folds)
     if oof_cnn is not None:
         models["cnn"] = _fold_scores(y, oof["score_cnn"].to_numpy(), fold, n_folds)
-    cols = [ID_COLUMN, "fold", TARGET_COLUMN, "score", *[f"score_{m}" for m in cfg.models], "score_tabular"]
-    oof = oof[cols + (["score_cnn"] if oof_cnn is not None else [])]
+    cols = [ID_COLUMN, "fold", TARGET_COLUMN, "score", *[f"score_{m}" for m in cfg.models]]
+    oof = oof[cols + [c for c in ("score_tabular", "score_cnn") if c in oof]]
     cv = {"metric": "pauc", "n_folds": n_folds, "n_rows": len(oof), "n_positives": int(y.sum()),
           "models": models, "blend": {"method": cfg.blend, "weights": weights or {m: 1 / len(main) for m in main}},
           "with_cnn": with_cnn, "tuned_params": tuned}

@@ -101,6 +101,7 @@ def tune(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str | os.P
     feats = features if isinstance(features, pd.DataFrame) else pd.read_parquet(features)
     feats = align_features(feats, folds)
     name = study_name or f"stack-{model}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = open_study(artifacts, name, storage, seed)
     if not study.trials:
         study.enqueue_trial(default_params(cfg, model), user_attrs={DEFAULT_TRIAL: True})
@@ -108,7 +109,6 @@ def tune(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str | os.P
     def objective(trial: optuna.Trial) -> float:
         return cv_pauc(feats, folds, with_params(cfg, model, search_space(trial, model)), model, trial)
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     study.optimize(objective, n_trials=n_trials, timeout=timeout, gc_after_trial=True)
     return _save_best(study, model, artifacts, log)
 
