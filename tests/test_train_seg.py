@@ -123,6 +123,8 @@ def test_rerun_skips_and_other_config_is_refused(trained: tuple[Path, Path, Path
     cfg = load_config(SegConfig, config)
     assert train_segmenter(folder, out, cfg, progress=False) == read_json(files.metrics)
     assert files.weights.stat().st_mtime_ns == stamp  # not retrained
+    runtime_only = load_config(SegConfig, config, cpu_threads=2, load_workers=1)  # same segmenter
+    assert train_segmenter(folder, out, runtime_only, progress=False)["dice"] == read_json(files.metrics)["dice"]
     with pytest.raises(ConfigError, match="epochs"):
         train_segmenter(folder, out, load_config(SegConfig, config, epochs=7), progress=False)
 

@@ -42,6 +42,7 @@ from lesionstack.paths import ArtifactPaths
 log = logging.getLogger(__name__)
 
 MASK_SUFFIX = "_segmentation.png"
+RUNTIME_KEYS = ("load_workers", "cpu_threads")  # config keys that do not change the trained segmenter
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 
 
@@ -66,6 +67,7 @@ class SegConfig:
     dice_weight: float = 1.0  # loss = BCE + dice_weight * (1 - soft Dice)
     seed: int = 0
     load_workers: int = 4  # threads decoding the folder once, before training
+    cpu_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
@@ -223,7 +225,7 @@ def train_segmenter(
     cfg = cfg or SegConfig()
     files = ArtifactPaths(out).segmenter
     if files.config.exists():
-        ensure_same_config(cfg, files.config)  # raises on a different config, DONE or not
+        ensure_same_config(cfg, files.config, ignore=RUNTIME_KEYS)  # raises on a different config, DONE or not
         if files.done.exists():
             log.info("%s: segmenter already trained with this config; skipping", files.dir)
             return read_json(files.metrics)
@@ -233,7 +235,12 @@ def train_segmenter(
     torch.manual_seed(cfg.seed)
     model = build_segmenter(cfg.encoder, cfg.encoder_weights, cfg.decoder_channels)
     save_config(cfg, files.config)
-    epochs = _fit(model, images, masks, train_idx, val_idx, cfg, files.weights, progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.cpu_threads or threads)
+    try:
+        epochs = _fit(model, images, masks, train_idx, val_idx, cfg, files.weights, progress)
+    finally:
+        torch.set_num_threads(threads)
     best = max(epochs, key=lambda e: e["val_dice"])
     metrics = {
         "dice": best["val_dice"],
