@@ -18,6 +18,7 @@ from lesionstack.models import (
     build_model,
     build_segmenter,
     load_segmenter,
+    normalize_uint8,
     param_groups,
     predict_masks,
     save_segmenter,
@@ -226,6 +227,22 @@ def test_predict_masks_on_uint8_images() -> None:
     assert seg.training  # the caller's mode is restored
     ragged = predict_masks(seg, [rng.integers(0, 256, (s, s, 3), dtype=np.uint8) for s in (30, 45)])
     assert [m.shape for m in ragged] == [(30, 30), (45, 45)]
+
+
+def test_predict_masks_runs_at_the_trained_scale(tmp_path) -> None:
+    _, path = _save_checkpoint(tmp_path)  # its config says image_size: 64
+    seg = load_segmenter(path)
+    assert seg.image_size == 64
+    image = np.random.default_rng(0).integers(0, 256, (1, 128, 128, 3), dtype=np.uint8)
+    mask = predict_masks(seg, image)
+    assert mask.shape == (1, 128, 128)
+    small = torch.nn.functional.interpolate(normalize_uint8(image), size=(64, 64), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    with torch.no_grad():
+        logits = torch.nn.functional.interpolate(seg.eval()(small), size=(128, 128), mode="bilinear",
+                                                 align_corners=False)
+    assert np.allclose(mask, torch.sigmoid(logits)[:, 0].numpy(), atol=1e-5)
+    assert not np.allclose(mask, predict_masks(seg, image, size=128), atol=1e-3)  # native scale differs
 
 
 def test_importing_models_does_not_import_timm() -> None:

@@ -181,6 +181,7 @@ def load_segmenter(path: str | os.PathLike[str]) -> UNetSegmenter:
         model.load_state_dict(state)
     except RuntimeError as err:
         raise WeightsError(f"{path}: does not fit the segmenter described by {config}: {err}") from err
+    model.image_size = cfg.get("image_size")  # the scale it learned; `predict_masks` resizes to it
     return model
 
 
@@ -199,27 +200,38 @@ def predict_masks(
     segmenter: nn.Module,
     images: np.ndarray | torch.Tensor | Sequence[np.ndarray],
     batch_size: int = 32,
+    size: int | None = None,
 ) -> np.ndarray | list[np.ndarray]:
-    """Soft lesion masks in [0, 1].
+    """Soft lesion masks in [0, 1], each the size of its image.
 
     `images`: uint8 RGB (N,H,W,3) or (H,W,3) array -> (N,H,W) float32 array; a float tensor (N,3,H,W),
     already normalised -> (N,H,W); a list of uint8 arrays of different sizes -> a list of (H,W) masks.
+    `size`: run the segmenter at size x size (masks are resized back); None: the `image_size` it was
+    trained at when `load_segmenter` built it, else each image's own size.
     """
+    size = size or getattr(segmenter, "image_size", None)
     was_training = segmenter.training
     segmenter.eval()
     device = next(segmenter.parameters()).device
     try:
         if isinstance(images, (list, tuple)):
-            return [_predict_batch(segmenter, normalize_uint8(im), device)[0] for im in images]
+            return [_predict_batch(segmenter, normalize_uint8(im), device, size)[0] for im in images]
         if isinstance(images, torch.Tensor) and images.is_floating_point():
             x = images
         else:
             x = normalize_uint8(images)
-        parts = [_predict_batch(segmenter, x[i : i + batch_size], device) for i in range(0, len(x), batch_size)]
+        parts = [_predict_batch(segmenter, x[i : i + batch_size], device, size) for i in range(0, len(x), batch_size)]
         return np.concatenate(parts) if parts else np.zeros((0, *x.shape[-2:]), np.float32)
     finally:
         segmenter.train(was_training)
 
 
-def _predict_batch(segmenter: nn.Module, x: torch.Tensor, device: torch.device) -> np.ndarray:
-    return torch.sigmoid(segmenter(x.to(device))).squeeze(1).float().cpu().numpy()
+def _predict_batch(segmenter: nn.Module, x: torch.Tensor, device: torch.device, size: int | None) -> np.ndarray:
+    x = x.to(device)
+    hw = tuple(x.shape[-2:])
+    if size and hw != (size, size):
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    logits = segmenter(x)
+    if logits.shape[-2:] != hw:
+        logits = F.interpolate(logits, size=hw, mode="bilinear", align_corners=False)
+    return torch.sigmoid(logits).squeeze(1).float().cpu().numpy()
