@@ -1,0 +1,145 @@
+"""End to end: `lesionstack run` on a tiny demo data set, a resumed run after a crash, `predict` on the
+real public test set, and the Kaggle kernel run offline on a fake /kaggle/input."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from lesionstack.data.synthetic import DemoSpec, write_demo_data
+from lesionstack.paths import ArtifactPaths
+from lesionstack.pipeline import format_summary, load_run_config, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A run small enough for a test: 2 folds, timm's tiny test nets, 32-px crops, one seed of each GBDT.
+TINY_RUN = {
+    "folds": {"n_folds": 2, "seed": 0},
+    "segmenter": {"encoder": "test_resnet", "image_size": 32, "epochs": 2, "batch_size": 8, "load_workers": 1},
+    "cnn": {"model": {"classifier": "test_resnet", "segmenter_encoder": "test_resnet", "gate": "train"},
+            "image_size": 32, "batch_size": 16, "eval_batch_size": 64, "epochs": 2, "lr": 1e-3,
+            "num_workers": 0, "progress": False},
+    "stack": {"seeds": [0], "n_rounds": 20, "neg_pos_ratio": 0, "n_jobs": 1},
+    "tune": {"enabled": False},
+    "report": True,
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("tiny") / "data"
+    write_demo_data(root, DemoSpec(patients=16, lesions_per_patient=10, seed=3, positive_rate=0.1,
+                                   mask_count=24))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "tiny.yaml"
+    path.write_text(yaml.safe_dump(TINY_RUN))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tiny_config, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("run") / "artifacts"
+    summary = run(tiny_data, out, load_run_config(tiny_config), echo=lambda _: None)
+    return out, summary
+
+
+def test_run_writes_every_artifact(trained):
+    out, summary = trained
+    art = ArtifactPaths(out)
+    for path in (art.folds, art.oof_cnn, art.oof_stack, art.cv_json, art.submission, art.report_html,
+                 art.run_config, art.segmenter.weights):
+        assert path.is_file(), path
+    assert set(summary["pauc"]) >= {"cnn", "tabular", "blend"}
+    assert 0.0 <= summary["best_possible_pauc"] <= 0.2
+    text = format_summary(summary)
+    assert "stacked blend" in text and "best possible" in text and str(art.submission) in text
+    sub = pd.read_csv(art.submission)
+    assert list(sub.columns) == ["isic_id", "target"] and sub["target"].between(0, 1).all()
+
+
+def test_submission_covers_the_test_set(trained, tiny_data):
+    out, _ = trained
+    sub = pd.read_csv(ArtifactPaths(out).submission)
+    test_ids = pd.read_csv(tiny_data / "test-metadata.csv")["isic_id"]
+    assert sub["isic_id"].tolist() == test_ids.tolist()
+
+
+def test_killed_run_resumes_without_redoing_finished_work(tiny_data, tiny_config, tmp_path, monkeypatch):
+    out = tmp_path / "artifacts"
+    cfg = load_run_config(tiny_config)
+    import lesionstack.stack as stack
+
+    real_train_stack = stack.train_stack
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed during the stacker")
+
+    monkeypatch.setattr(stack, "train_stack", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_data, out, cfg, echo=lambda _: None)
+    art = ArtifactPaths(out)
+    assert art.oof_cnn.is_file() and not art.cv_json.exists() and not art.submission.exists()
+    stamps = {p: p.stat().st_mtime_ns for p in (art.folds, art.segmenter.weights, art.cnn_fold(0).weights,
+                                                art.cnn_fold(1).weights, art.oof_cnn)}
+    monkeypatch.setattr(stack, "train_stack", real_train_stack)
+    lines: list[str] = []
+    run(tiny_data, out, load_run_config(tiny_config), echo=lines.append)
+    assert art.submission.is_file() and art.cv_json.is_file()
+    for path, stamp in stamps.items():
+        assert path.stat().st_mtime_ns == stamp, f"{path} was redone"
+
+
+def test_run_refuses_a_changed_config_on_the_same_artifacts(trained, tiny_data, tmp_path):
+    out, _ = trained
+    changed = dict(TINY_RUN, folds={"n_folds": 2, "seed": 1})
+    path = tmp_path / "changed.yaml"
+    path.write_text(yaml.safe_dump(changed))
+    with pytest.raises(ValueError, match="different config"):
+        run(tiny_data, out, load_run_config(path), echo=lambda _: None)
+
+
+def test_predict_on_the_real_public_test_set(trained, public_test_dir, tmp_path):
+    from lesionstack.submit import predict
+
+    out, _ = trained
+    path = tmp_path / "submission.csv"
+    predict(public_test_dir, out, path)
+    sub = pd.read_csv(path)
+    assert sub["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
+    assert sub["target"].between(0, 1).all()
+
+
+def test_kaggle_kernel_runs_offline_on_a_fake_kaggle_input(trained, public_test_dir, tmp_path):
+    from lesionstack.submit import package
+
+    out, _ = trained
+    kaggle_input = tmp_path / "kaggle" / "input"
+    dataset = package(out, kaggle_input / "lesionstack-model", extra_wheels=())
+    meta = (dataset / "dataset-metadata.json").read_text()
+    assert '"id": "your-kaggle-username/lesionstack-model"' in meta
+    assert list((dataset / "wheels").glob("lesionstack-*.whl"))
+    shutil.copytree(public_test_dir, kaggle_input / "isic-2024-challenge")
+    working = tmp_path / "kaggle" / "working"
+    working.mkdir()
+    env = dict(os.environ, LESIONSTACK_INPUT_ROOT=str(kaggle_input), LESIONSTACK_OUTPUT=str(working),
+               HF_HUB_OFFLINE="1", PIP_NO_INDEX="1", PYTHONNOUSERSITE="1")
+    env.pop("PYTHONPATH", None)
+    result = subprocess.run([sys.executable, str(REPO / "kaggle" / "kernel.py")], env=env, cwd=working,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    # the kernel imported lesionstack from the packaged wheel, not from this checkout
+    assert (working / "lesionstack-site" / "lesionstack" / "submit.py").is_file()
+    sub = pd.read_csv(working / "submission.csv")
+    assert sub["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
+    assert sub["target"].between(0, 1).all()
