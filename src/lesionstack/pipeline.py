@@ -146,6 +146,9 @@ def _segmenter(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> str:
         return f"using {model.segmenter_weights}"
     if not data.masks.is_dir():
         return f"no {data.masks}: the segmenter starts from scratch inside the CNN"
+    if cfg.segmenter.encoder != model.segmenter_encoder:  # fail now, not after training the segmenter
+        raise ConfigError(f"segmenter.encoder {cfg.segmenter.encoder!r} differs from the CNN's "
+                          f"model.segmenter_encoder {model.segmenter_encoder!r}; the CNN could not load it")
     from lesionstack.train_seg import train_segmenter
 
     metrics = train_segmenter(data.masks, art.root, cfg.segmenter)
@@ -164,6 +167,7 @@ def _cnn(cfg: RunConfig, data: DataPaths, art: ArtifactPaths, ctx: dict[str, Any
 
 def _features(data: DataPaths, art: ArtifactPaths) -> str:
     from lesionstack.features import build_features
+    from lesionstack.submit import fill_unscored
 
     train = read_metadata(data.train_metadata, kind="train")
     oof = pd.read_parquet(art.oof_cnn)[[ID_COLUMN, "score"]] if art.oof_cnn.is_file() else None
@@ -172,6 +176,8 @@ def _features(data: DataPaths, art: ArtifactPaths) -> str:
     if data.test_metadata.is_file():
         test = read_metadata(data.test_metadata, kind="test")
         scores = pd.read_parquet(art.test_cnn) if art.test_cnn.is_file() and oof is not None else None
+        if scores is not None:
+            scores = fill_unscored(scores, str(art.test_cnn))
         _write_parquet(build_features(test, scores, where=str(data.test_metadata)), art.features_test)
         done += f", test {len(test)} rows"
     return done + (" (with CNN scores)" if oof is not None else "")

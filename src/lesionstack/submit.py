@@ -124,10 +124,28 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
         cnn_scores, rate = predict_cnn(images, ids, art, device=device)
         log.info("CNN: %d crops x %d fold models, %.0f images/s", len(ids), len(cnn_folds(art)), rate)
         print(f"CNN scored {len(ids)} test crops with {len(cnn_folds(art))} fold models: {rate:.0f} images/s")
+    if cnn_scores is not None:
+        cnn_scores = fill_unscored(cnn_scores, str(data.test_images))
     features = build_features(meta, cnn_scores, where=str(data.test_metadata))
     scores = predict_stack(features, art)
     write_submission(scores, ids, out)
     return scores
+
+
+def fill_unscored(scores: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Give test crops the CNN could not score (skipped as corrupt) the median score, and say so.
+
+    A submission must cover every test id; one unreadable crop should not sink it. Training rows are
+    never filled: the stacker refuses non-finite OOF scores instead.
+    """
+    bad = ~np.isfinite(scores["score"].to_numpy(dtype=np.float64))
+    if not bad.any():
+        return scores
+    median = float(np.nanmedian(scores["score"])) if (~bad).any() else 0.5
+    ids = scores.loc[bad, ID_COLUMN].tolist()
+    print(f"warning: {where}: {len(ids)} crop(s) could not be scored by the CNN (e.g. {ids[:3]}); "
+          f"they get the median CNN score {median:.4f}")
+    return scores.assign(score=np.where(bad, median, scores["score"]))
 
 
 # ---- packaging for Kaggle -----------------------------------------------------------------------------

@@ -513,6 +513,22 @@ def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CN
     return summary
 
 
+def scores_up_to_date(data: DataPaths, art: ArtifactPaths, all_folds: Sequence[int]) -> bool:
+    """OOF (and test) scores written after the last fold finished: a rerun reuses them, not re-scores."""
+    outputs = [art.oof_cnn] + ([art.test_cnn] if data.test_images.exists() else [])
+    if not all(p.is_file() for p in outputs):
+        return False
+    last_fold = max(art.cnn_fold(k).done.stat().st_mtime_ns for k in all_folds)
+    return min(p.stat().st_mtime_ns for p in outputs) >= last_fold
+
+
+def read_scores(folds: pd.DataFrame, art: ArtifactPaths) -> dict[str, Any]:
+    """The summary of scores written by an earlier run (checked against the OOF contract again)."""
+    oof = pd.read_parquet(art.oof_cnn)
+    check_oof(oof, folds)
+    return {"oof_pauc": pauc(*_scored(folds, oof)), "oof_auc": roc_auc(*_scored(folds, oof))}
+
+
 def _scored(folds: pd.DataFrame, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     merged = folds[[ID_COLUMN, "target"]].merge(oof, on=ID_COLUMN)
     ok = merged["score"].notna()
@@ -566,7 +582,10 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     for fold in todo:
         summary["folds"][fold] = train_fold(fold, folds, images, cfg, art.cnn_fold(fold), rt, on_epoch_end)
     if all(art.cnn_fold(k).done.exists() for k in all_folds):
-        summary.update(write_scores(data, folds, images, cfg, art, rt))
+        if scores_up_to_date(data, art, all_folds):
+            summary.update(read_scores(folds, art))
+        else:
+            summary.update(write_scores(data, folds, images, cfg, art, rt))
     elif ctx.is_main:
         log.info("not all folds done yet; oof_cnn/test_cnn are written when the last fold finishes")
     return summary
