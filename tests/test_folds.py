@@ -89,7 +89,8 @@ def test_fold_file_written_once(tmp_path):
 
 def test_read_folds_rejects_broken_file(tmp_path):
     path = tmp_path / "folds.csv"
-    pd.DataFrame({"isic_id": ["a", "b"], "patient_id": ["p", "p"], "target": [0, 1], "fold": [0, 1]}).to_csv(path, index=False)
+    rows = {"isic_id": ["a", "b"], "patient_id": ["p", "p"], "target": [0, 1], "fold": [0, 1]}
+    pd.DataFrame(rows).to_csv(path, index=False)
     with pytest.raises(FoldError, match="folds.csv: patient 'p' is in more than one fold"):
         read_folds(path)
     with pytest.raises(FoldError, match="not found"):

@@ -299,6 +299,22 @@ def check_finite(features: pd.DataFrame, where: str = "features") -> None:
         raise FeatureError(f"{where}: column {num.columns[col]!r} row {row} is not finite")
 
 
+def fill_unscored(scores: pd.DataFrame, where: str) -> pd.DataFrame:
+    """Give test crops the CNN could not score (skipped as corrupt) the median score, and say so.
+
+    A submission must cover every test id; one unreadable crop should not sink it. Training rows are
+    never filled: the stacker refuses non-finite OOF scores instead.
+    """
+    bad = ~np.isfinite(scores["score"].to_numpy(dtype=np.float64))
+    if not bad.any():
+        return scores
+    median = float(np.nanmedian(scores["score"])) if (~bad).any() else 0.5
+    ids = scores.loc[bad, schema.ID_COLUMN].tolist()
+    print(f"warning: {where}: {len(ids)} crop(s) could not be scored by the CNN (e.g. {ids[:3]}); "
+          f"they get the median CNN score {median:.4f}")
+    return scores.assign(score=np.where(bad, median, scores["score"]))
+
+
 def write_feature_tables(data_dir: str | os.PathLike[str], out: str | os.PathLike[str],
                          use_cnn: bool = True) -> list[str]:
     """The `features` stage: train (and test, when present) feature tables under the artifacts root.
@@ -321,6 +337,8 @@ def write_feature_tables(data_dir: str | os.PathLike[str], out: str | os.PathLik
             raise FeatureError(f"{cnn_path}: CNN scores missing (the train table uses {art.oof_cnn}); "
                                "run train-cnn to the end, or pass --no-cnn")
         scores = pd.read_parquet(cnn_path)[[schema.ID_COLUMN, "score"]] if with_cnn else None
+        if scores is not None and kind == "test":
+            scores = fill_unscored(scores, str(cnn_path))
         table = build_features(read_metadata(meta_path, kind=kind), scores, where=str(meta_path))
         with atomic_path(target) as tmp:
             table.to_parquet(tmp, index=False)

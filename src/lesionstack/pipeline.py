@@ -22,7 +22,6 @@ import pandas as pd
 import yaml
 
 from lesionstack.config import ConfigError, config_from_dict, ensure_same_config, save_config
-from lesionstack.data.metadata import read_metadata
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import make_folds_file
@@ -166,26 +165,9 @@ def _cnn(cfg: RunConfig, data: DataPaths, art: ArtifactPaths, ctx: dict[str, Any
 
 
 def _features(data: DataPaths, art: ArtifactPaths) -> str:
-    from lesionstack.features import build_features
-    from lesionstack.submit import fill_unscored
+    from lesionstack.features import write_feature_tables
 
-    train = read_metadata(data.train_metadata, kind="train")
-    oof = pd.read_parquet(art.oof_cnn)[[ID_COLUMN, "score"]] if art.oof_cnn.is_file() else None
-    _write_parquet(build_features(train, oof, where=str(data.train_metadata)), art.features_train)
-    done = f"train {len(train)} rows"
-    if data.test_metadata.is_file():
-        test = read_metadata(data.test_metadata, kind="test")
-        scores = pd.read_parquet(art.test_cnn) if art.test_cnn.is_file() and oof is not None else None
-        if scores is not None:
-            scores = fill_unscored(scores, str(art.test_cnn))
-        _write_parquet(build_features(test, scores, where=str(data.test_metadata)), art.features_test)
-        done += f", test {len(test)} rows"
-    return done + (" (with CNN scores)" if oof is not None else "")
-
-
-def _write_parquet(frame: pd.DataFrame, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        frame.to_parquet(tmp, index=False)
+    return "; ".join(write_feature_tables(data.root, art.root))
 
 
 def _tune(cfg: RunConfig, art: ArtifactPaths) -> str:

@@ -87,8 +87,15 @@ def predict_cnn(images: H5Images, ids: Sequence[str], artifacts: ArtifactPaths,
     """Mean sigmoid score of every finished CNN fold model on `ids`; returns (scores, images/s)."""
     from lesionstack.data.dataset import CropDataset
     from lesionstack.train_cnn import (
-        DistContext, Runtime, amp_dtype, load_cnn_config, predict_logits, resolve_device, scoring_model,
-        sigmoid)
+        DistContext,
+        Runtime,
+        amp_dtype,
+        load_cnn_config,
+        predict_logits,
+        resolve_device,
+        scoring_model,
+        sigmoid,
+    )
 
     folds = cnn_folds(artifacts)
     if not folds:
@@ -109,7 +116,7 @@ def predict_cnn(images: H5Images, ids: Sequence[str], artifacts: ArtifactPaths,
 def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[str],
             out: str | os.PathLike[str], device: str = "auto") -> pd.DataFrame:
     """Score test-metadata.csv + test-image.hdf5 with trained artifacts; write a validated submission."""
-    from lesionstack.features import build_features
+    from lesionstack.features import build_features, fill_unscored
     from lesionstack.stack import predict_stack
 
     data, art = DataPaths(data_dir), ArtifactPaths(artifacts_dir)
@@ -130,22 +137,6 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
     scores = predict_stack(features, art)
     write_submission(scores, ids, out)
     return scores
-
-
-def fill_unscored(scores: pd.DataFrame, where: str) -> pd.DataFrame:
-    """Give test crops the CNN could not score (skipped as corrupt) the median score, and say so.
-
-    A submission must cover every test id; one unreadable crop should not sink it. Training rows are
-    never filled: the stacker refuses non-finite OOF scores instead.
-    """
-    bad = ~np.isfinite(scores["score"].to_numpy(dtype=np.float64))
-    if not bad.any():
-        return scores
-    median = float(np.nanmedian(scores["score"])) if (~bad).any() else 0.5
-    ids = scores.loc[bad, ID_COLUMN].tolist()
-    print(f"warning: {where}: {len(ids)} crop(s) could not be scored by the CNN (e.g. {ids[:3]}); "
-          f"they get the median CNN score {median:.4f}")
-    return scores.assign(score=np.where(bad, median, scores["score"]))
 
 
 # ---- packaging for Kaggle -----------------------------------------------------------------------------

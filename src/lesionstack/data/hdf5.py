@@ -15,10 +15,9 @@ variable-length) is read through h5py as usual. `benchmarks/bench_data.py` measu
 
 from __future__ import annotations
 
+import io
 import os
 from pathlib import Path
-
-import io
 
 import h5py
 import numpy as np
