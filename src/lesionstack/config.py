@@ -87,8 +87,9 @@ def ensure_same_config(cfg: Any, saved: str | os.PathLike[str], *, ignore: tuple
     """
     now = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
     before = {k: v for k, v in read_config_dict(saved).items() if k not in ignore}
-    if now != before:
-        diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    # a key missing on one side equals None on the other, so a new optional field does not orphan old runs
+    diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
+    if diff:
         details = ", ".join(f"{k}: saved={before.get(k)!r} now={now.get(k)!r}" for k in diff)
         raise ConfigError(
             f"{saved} was made with a different config ({details}). Use a new output folder, or delete "

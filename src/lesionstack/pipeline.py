@@ -55,6 +55,7 @@ class RunConfig:
     cnn: CNNConfig = field(default_factory=CNNConfig)
     stack: StackConfig = field(default_factory=StackConfig)
     tune: TuneSettings = field(default_factory=TuneSettings)
+    masks_dir: str | None = None  # segmenter training masks (ISIC 2018 Task 1 layout); default DATA/masks
     report: bool = True
 
 
@@ -143,14 +144,16 @@ def _segmenter(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> str:
         return "skipped (the CNN has no segmenter gate)"
     if model.segmenter_weights:
         return f"using {model.segmenter_weights}"
-    if not data.masks.is_dir():
-        return f"no {data.masks}: the segmenter starts from scratch inside the CNN"
+    masks = Path(cfg.masks_dir) if cfg.masks_dir else data.masks
+    if not masks.is_dir() and not art.segmenter.done.is_file():
+        return f"no {masks}: the segmenter starts from scratch inside the CNN"
     if cfg.segmenter.encoder != model.segmenter_encoder:  # fail now, not after training the segmenter
         raise ConfigError(f"segmenter.encoder {cfg.segmenter.encoder!r} differs from the CNN's "
                           f"model.segmenter_encoder {model.segmenter_encoder!r}; the CNN could not load it")
     from lesionstack.train_seg import train_segmenter
 
-    metrics = train_segmenter(data.masks, art.root, cfg.segmenter)
+    # a segmenter already trained under this root with this config is reused (train_segmenter checks)
+    metrics = train_segmenter(masks, art.root, cfg.segmenter)
     cfg.cnn.model = dataclasses.replace(model, segmenter_weights=os.fspath(art.segmenter.weights.resolve()))
     return f"Dice {metrics['dice']:.3f}, IoU {metrics['iou']:.3f} on {metrics['n_val']} held-out masks"
 
