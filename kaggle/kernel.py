@@ -38,7 +38,10 @@ def install_offline() -> None:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     install_offline()
+    import lesionstack
     from lesionstack.submit import predict
+
+    print(f"lesionstack {lesionstack.__version__} from {lesionstack.__file__}")
 
     predict(COMPETITION, MODEL / "artifacts", OUTPUT / "submission.csv")
     print(f"wrote {OUTPUT / 'submission.csv'}")

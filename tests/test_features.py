@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
+from conftest import SHARED_DATA
 from lesionstack.data import schema
 from lesionstack.features import (
     CATEGORY_VOCAB,
@@ -17,7 +16,7 @@ from lesionstack.features import (
     check_finite,
 )
 
-DATA = Path("/work/shared/data")
+DATA = SHARED_DATA
 REAL_META = DATA / "isic2024-real-metadata" / "train-metadata-first1000-no-target.csv"
 REAL_TEST = DATA / "isic2024-public-test" / "test-metadata.csv"
 

@@ -100,12 +100,15 @@ def test_killed_run_resumes_without_redoing_finished_work(tiny_data, tiny_config
         assert path.stat().st_mtime_ns == stamp, f"{path} was redone"
 
 
-def test_run_refuses_a_changed_config_on_the_same_artifacts(trained, tiny_data, tmp_path):
+@pytest.mark.parametrize(("change", "message"), [
+    ({"folds": {"n_folds": 2, "seed": 1}}, "exists with different folds"),
+    ({"stack": dict(TINY_RUN["stack"], n_rounds=21)}, "different config .*n_rounds"),
+])
+def test_run_refuses_to_mix_work_of_another_config(trained, tiny_data, tmp_path, change, message):
     out, _ = trained
-    changed = dict(TINY_RUN, folds={"n_folds": 2, "seed": 1})
     path = tmp_path / "changed.yaml"
-    path.write_text(yaml.safe_dump(changed))
-    with pytest.raises(ValueError, match="different config"):
+    path.write_text(yaml.safe_dump(dict(TINY_RUN, **change)))
+    with pytest.raises(ValueError, match=message):
         run(tiny_data, out, load_run_config(path), echo=lambda _: None)
 
 
@@ -139,7 +142,7 @@ def test_kaggle_kernel_runs_offline_on_a_fake_kaggle_input(trained, public_test_
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     # the kernel imported lesionstack from the packaged wheel, not from this checkout
-    assert (working / "lesionstack-site" / "lesionstack" / "submit.py").is_file()
+    assert f"from {working / 'lesionstack-site' / 'lesionstack'}" in result.stdout
     sub = pd.read_csv(working / "submission.csv")
     assert sub["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
     assert sub["target"].between(0, 1).all()

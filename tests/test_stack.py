@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.base import clone
 
+from conftest import SHARED_DATA
 from lesionstack.config import ConfigError
 from lesionstack.features import build_features
 from lesionstack.folds import assign_folds
@@ -27,7 +28,7 @@ from lesionstack.stack import (
     undersample,
 )
 
-REAL_META = Path("/work/shared/data/isic2024-real-metadata/train-metadata-first1000-no-target.csv")
+REAL_META = SHARED_DATA / "isic2024-real-metadata" / "train-metadata-first1000-no-target.csv"
 TINY = dict(seeds=(0,), n_rounds=20, learning_rate=0.1, max_depth=3, num_leaves=7, neg_pos_ratio=10.0,
             n_jobs=1, params={"catboost": {"border_count": 16}})
 
@@ -129,3 +130,15 @@ def test_cnn_oof_guards(tmp_path: Path) -> None:
     with pytest.raises(StackError, match="1 training row"):
         train_stack(feats.iloc[1:], art.folds, art, cfg, cnn_oof=cnn)
     assert not art.stack_dir.exists()  # every refusal came before any training
+
+
+def test_finished_folds_are_not_reused_with_other_inputs(trained: tuple) -> None:
+    """Same config, other inputs: features without the CNN, or another fold file, must not reuse folds."""
+    feats, art, cnn, _ = trained
+    tabular_only = feats.drop(columns=[c for c in feats if c.startswith("cnn_")])
+    with pytest.raises(ConfigError, match="other inputs .*feature_columns"):
+        train_stack(tabular_only, art.folds, art, StackConfig(**TINY), cnn_oof=cnn, log=lambda m: None)
+    shifted = cnn.assign(score=cnn["score"].to_numpy()[::-1])
+    with pytest.raises(ConfigError, match="other inputs .*cnn_scores"):
+        train_stack(build_features(pd.read_csv(REAL_META).head(len(feats)), shifted[["isic_id", "score"]]),
+                    art.folds, art, StackConfig(**TINY), cnn_oof=shifted, log=lambda m: None)

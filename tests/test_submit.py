@@ -77,4 +77,5 @@ def test_unscored_test_crops_get_the_median(capsys):
     filled = fill_unscored(scores, "test-image.hdf5")
     assert filled["score"].tolist() == pytest.approx([0.2, 0.3, 0.4])
     assert "ISIC_0015729" in capsys.readouterr().out
-    assert fill_unscored(_scores([0.2, 0.3, 0.4]), "x") is not None
+    whole = _scores([0.2, 0.3, 0.4])
+    assert fill_unscored(whole, "x") is whole and capsys.readouterr().out == ""

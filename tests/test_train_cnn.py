@@ -90,7 +90,8 @@ def test_each_fold_folder_holds_the_same_files(trained: tuple[Path, Path, CNNCon
     _, out, _ = trained
     for k in (0, 1):
         files = ArtifactPaths(out).cnn_fold(k)
-        assert sorted(p.name for p in files.dir.iterdir()) == ["DONE", "config.yaml", "metrics.json", "model.pt"]
+        assert sorted(p.name for p in files.dir.iterdir()) == ["DONE", "config.yaml", "inputs.json", "metrics.json",
+                                                               "model.pt"]
         metrics = read_json(files.metrics)
         assert set(metrics) == METRIC_KEYS and metrics["n_train"] + metrics["n_val"] == 24
         assert [set(e) for e in metrics["epochs"]] == [EPOCH_KEYS] * 2
@@ -126,6 +127,18 @@ def test_changed_config_is_refused(trained: tuple[Path, Path, CNNConfig]) -> Non
     root, out, cfg = trained
     with pytest.raises(ConfigError, match="lr"):
         train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, lr=0.01), out)
+
+
+def test_finished_folds_are_not_reused_with_another_fold_file(trained: tuple[Path, Path, CNNConfig],
+                                                              tmp_path: Path) -> None:
+    """A fold model scored on another split would score rows it trained on: refused, not reused."""
+    root, out, cfg = trained
+    folds = read_folds(root / "folds.csv")
+    folds["fold"] = 1 - folds["fold"]  # the same patients, the two folds swapped
+    other = tmp_path / "other-folds.csv"
+    folds.to_csv(other, index=False)
+    with pytest.raises(ConfigError, match="other inputs .*folds"):
+        train_cnn(root, other, cfg, out)
 
 
 def test_killed_fold_resumes_from_its_checkpoint(trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:

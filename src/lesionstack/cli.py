@@ -222,6 +222,7 @@ def run_cmd(
     from lesionstack.pipeline import format_summary, load_run_config, run
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("lesionstack").setLevel(logging.INFO)  # per-fold scores as they come
     summary = run(data_dir, out, load_run_config(config), echo=typer.echo)
     typer.echo(format_summary(summary))
 

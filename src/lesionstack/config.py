@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from lesionstack.files import write_text
+from lesionstack.files import read_json, write_json, write_text
 
 T = TypeVar("T")
 
@@ -94,4 +94,23 @@ def ensure_same_config(cfg: Any, saved: str | os.PathLike[str], *, ignore: tuple
         raise ConfigError(
             f"{saved} was made with a different config ({details}). Use a new output folder, or delete "
             "that folder to retrain it on purpose."
+        )
+
+
+def ensure_same_inputs(inputs: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Refuse to reuse an artifact made from other inputs (fold file, feature set, upstream scores).
+
+    `inputs` maps names to fingerprints (digests, column lists); they are written to `path` the first
+    time, and compared on every later call. The config says how an artifact was made; this says from what.
+    """
+    path = Path(path)
+    if not path.is_file():
+        write_json(path, inputs)
+        return
+    before = read_json(path)
+    diff = sorted(k for k in set(inputs) | set(before) if inputs.get(k) != before.get(k))
+    if diff:
+        raise ConfigError(
+            f"{path.parent} was made from other inputs ({', '.join(diff)} changed since). Its results would "
+            "not match the new inputs; use a new output folder, or delete that folder to redo it."
         )

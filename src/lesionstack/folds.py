@@ -12,6 +12,7 @@ the stratification).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Literal
@@ -97,6 +98,14 @@ def check_folds(folds: pd.DataFrame, n_folds: int | None = None) -> None:
     if pos.max() - pos.min() > allowed:
         raise FoldError(f"positives per fold are unbalanced: {pos.tolist()} (allowed spread {allowed}); "
                         "try another seed, or the default greedy method")
+
+
+def folds_digest(folds: pd.DataFrame) -> str:
+    """A fingerprint of the assignment (isic_id -> fold): models trained on one split must not be reused
+    with another."""
+    pairs = folds[[ID_COLUMN, "fold"]].sort_values(ID_COLUMN)
+    text = "\n".join(f"{i},{int(k)}" for i, k in zip(pairs[ID_COLUMN], pairs["fold"]))
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def read_folds(path: str | os.PathLike[str]) -> pd.DataFrame:

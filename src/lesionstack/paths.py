@@ -83,6 +83,11 @@ class FoldFiles:
         return self.dir / "config.yaml"
 
     @property
+    def inputs(self) -> Path:
+        """Fingerprints of what the fold was made from (fold file, features); compared on reuse."""
+        return self.dir / "inputs.json"
+
+    @property
     def done(self) -> Path:
         """Written last, atomically: its presence means the fold finished."""
         return self.dir / "DONE"

@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from lesionstack.config import ConfigError, config_from_dict, ensure_same_config, save_config
+from lesionstack.config import ConfigError, config_from_dict, save_config
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import make_folds_file
@@ -124,9 +124,9 @@ def run(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: RunC
 
 
 def _record_run(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> None:
+    # The run config is a record of the latest run; each stage compares its own config and inputs
+    # before reusing anything, so a speed-only change (workers, threads) does not refuse a resume.
     art.root.mkdir(parents=True, exist_ok=True)
-    if art.run_config.is_file():
-        ensure_same_config(cfg, art.run_config)
     save_config(cfg, art.run_config)
     write_json(art.source, {"data_dir": os.fspath(data.root.resolve())})
 
@@ -176,6 +176,8 @@ def _features(data: DataPaths, art: ArtifactPaths) -> str:
 def _tune(cfg: RunConfig, art: ArtifactPaths) -> str:
     if not cfg.tune.enabled:
         return "skipped (tune.enabled is false)"
+    if art.best_params.is_file():  # a study is not rerun: each call would add n_trials more trials
+        return f"done before, using {art.best_params}"
     from lesionstack.tune import tune
 
     result = tune(art.features_train, art.folds, art, cfg.stack, n_trials=cfg.tune.n_trials,

@@ -15,6 +15,7 @@ training row exactly once, and be the scores the feature table was built from (`
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import pickle
 from dataclasses import dataclass, field
@@ -26,11 +27,11 @@ from scipy.stats import rankdata
 from sklearn.base import BaseEstimator, ClassifierMixin
 from tqdm.auto import tqdm
 
-from lesionstack.config import ensure_same_config, save_config
+from lesionstack.config import ensure_same_config, ensure_same_inputs, save_config
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.features import CAT_PREFIX, CATEGORY_VOCAB, CNN_PREFIX, categorical_columns, has_cnn
 from lesionstack.files import atomic_path, read_json, write_json, write_text
-from lesionstack.folds import read_folds
+from lesionstack.folds import folds_digest, read_folds
 from lesionstack.metrics import pauc, roc_auc
 from lesionstack.paths import ArtifactPaths
 
@@ -39,6 +40,10 @@ TABULAR = "tabular_"  # prefix of the models trained without CNN features
 MODELS_FILE = "models.pkl"  # in every stack fold folder, beside metrics.json, config.yaml and DONE
 OOF_FILE = "oof.parquet"
 IMPORTANCE_FILE = "importance.csv"
+
+
+# Config keys that change how fast the stacker trains, never what it learns.
+RUNTIME_KEYS = ("n_jobs",)
 
 
 class StackError(ValueError):
@@ -420,18 +425,36 @@ def train_stack(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str
     if not with_cnn:
         feats = feats[[c for c in feats.columns if not c.startswith(CNN_PREFIX)]]
     n_folds = int(folds["fold"].max()) + 1
+    inputs = _inputs(feats, folds, with_cnn, oof_cnn)
     parts = []
     for k in tqdm(range(n_folds), desc="stack folds", disable=None):
         ff = artifacts.stack_fold(k)
         if ff.done.is_file():
-            ensure_same_config(cfg, ff.config)
+            ensure_same_config(cfg, ff.config, ignore=RUNTIME_KEYS)
+            ensure_same_inputs(inputs, ff.inputs)
             log(f"fold {k}: finished before, reusing {ff.dir}")
             parts.append(pd.read_parquet(ff.dir / OOF_FILE))
             continue
         save_config(cfg, ff.config)
+        ff.inputs.unlink(missing_ok=True)  # left by a crashed attempt: record this attempt's inputs
+        ensure_same_inputs(inputs, ff.inputs)
         parts.append(_fit_fold(feats, folds, k, cfg, with_cnn, artifacts))
     oof = folds.merge(pd.concat(parts), on=ID_COLUMN, how="left", validate="one_to_one")
     return _summarise(oof, oof_cnn, folds, cfg, with_cnn, tuned, artifacts, n_folds)
+
+
+def _inputs(feats: pd.DataFrame, folds: pd.DataFrame, with_cnn: bool,
+            oof_cnn: pd.DataFrame | None) -> dict[str, Any]:
+    """What a stack fold is made from: a finished fold is reused only when all of it is unchanged."""
+    inputs: dict[str, Any] = {
+        "folds": folds_digest(folds),
+        "feature_columns": hashlib.sha256("\n".join(feats.columns).encode()).hexdigest(),
+        "with_cnn": with_cnn,
+    }
+    if with_cnn and oof_cnn is not None:
+        scores = np.round(oof_cnn["score"].to_numpy(dtype=np.float64), 12)
+        inputs["cnn_scores"] = hashlib.sha256(scores.tobytes()).hexdigest()
+    return inputs
 
 
 def _cnn_oof(feats: pd.DataFrame, folds: pd.DataFrame, artifacts: ArtifactPaths,

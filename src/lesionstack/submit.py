@@ -25,6 +25,7 @@ from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.metadata import check_images_cover, read_metadata
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
+from lesionstack.folds import read_folds
 from lesionstack.paths import ArtifactPaths, DataPaths
 
 log = logging.getLogger(__name__)
@@ -77,9 +78,15 @@ def write_submission(scores: pd.DataFrame, test_ids: Sequence[str], path: str | 
 
 
 def cnn_folds(artifacts: ArtifactPaths) -> list[int]:
-    """The finished CNN folds of an artifacts root."""
-    return sorted(int(p.name.split("_")[1]) for p in artifacts.cnn_dir.glob("fold_*")
-                  if (p / "DONE").is_file())
+    """The CNN folds of an artifacts root (the fold file's folds); every one must have finished."""
+    if artifacts.folds.is_file():
+        expected = sorted(int(k) for k in read_folds(artifacts.folds)["fold"].unique())
+    else:
+        expected = list(range(int(read_json(artifacts.cv_json)["n_folds"])))
+    unfinished = [k for k in expected if not artifacts.cnn_fold(k).done.is_file()]
+    if unfinished:
+        raise FileNotFoundError(f"{artifacts.cnn_dir}: CNN fold(s) {unfinished} did not finish (run train-cnn)")
+    return expected
 
 
 def predict_cnn(images: H5Images, ids: Sequence[str], artifacts: ArtifactPaths,
@@ -98,8 +105,6 @@ def predict_cnn(images: H5Images, ids: Sequence[str], artifacts: ArtifactPaths,
     )
 
     folds = cnn_folds(artifacts)
-    if not folds:
-        raise FileNotFoundError(f"{artifacts.cnn_dir}: no finished CNN fold (run train-cnn first)")
     total, start = np.zeros(len(ids)), time.perf_counter()
     for k in folds:
         files = artifacts.cnn_fold(k)
@@ -122,6 +127,8 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
     data, art = DataPaths(data_dir), ArtifactPaths(artifacts_dir)
     if not art.cv_json.is_file():
         raise FileNotFoundError(f"{art.cv_json}: no trained stacker in {art.root} (run train-stack first)")
+    for line in check_versions(art):
+        print(f"warning: {line}; pickled models may not load or may score differently")
     meta = read_metadata(data.test_metadata, kind="test")
     ids = meta[ID_COLUMN].tolist()
     cnn_scores = None
@@ -142,10 +149,38 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
 # ---- packaging for Kaggle -----------------------------------------------------------------------------
 
 # What a packaged model needs at prediction time, relative to the artifacts root.
-PACKAGED_FILES = ("cv.json", "folds.csv", "config.yaml", "tune/best_params.json")
+PACKAGED_FILES = ("cv.json", "folds.csv", "config.yaml", "tune/best_params.json", "versions.json")
 PACKAGED_DIRS = ("cnn", "stack")
-# Wheels Kaggle's Python image lacks (the rest of lesionstack's needs ship with it).
-KAGGLE_EXTRA_WHEELS = ("simplejpeg==1.9.0",)
+# Wheels shipped with the model: what Kaggle's Python image lacks (simplejpeg), and the GBDT libraries at
+# the versions that pickled the stacker's models (a pickle is only safe to load in the same version).
+KAGGLE_EXTRA_WHEELS = ("simplejpeg==1.9.0", "lightgbm==4.7.0", "catboost==1.2.10", "xgboost-cpu==3.2.0")
+# Libraries whose versions are recorded beside the models and compared at prediction time.
+VERSIONED = ("torch", "timm", "lightgbm", "catboost", "xgboost", "scikit-learn", "polars", "pandas", "numpy")
+
+
+def library_versions() -> dict[str, str | None]:
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in VERSIONED:
+        for dist in (name, f"{name}-cpu"):
+            try:
+                out[name] = metadata.version(dist)
+                break
+            except metadata.PackageNotFoundError:
+                out[name] = None
+    return out
+
+
+def check_versions(art: ArtifactPaths) -> list[str]:
+    """Differences between the libraries that trained the models and these; printed as warnings."""
+    path = art.root / "versions.json"
+    if not path.is_file():
+        return []
+    trained, here = read_json(path), library_versions()
+    return [f"{name} {trained[name]} trained the models, {here.get(name)} is installed"
+            for name in trained if trained[name] and here.get(name)
+            and trained[name].split(".")[:2] != here[name].split(".")[:2]]
 
 
 def source_root() -> Path:
@@ -186,8 +221,10 @@ def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     """Build a folder that `kaggle datasets create -p OUT` accepts: wheels/, artifacts/, the kernel,
     and dataset-metadata.json. Built beside OUT and renamed into place, so a failure leaves nothing."""
     art, out = ArtifactPaths(artifacts_dir), Path(out)
-    if not art.cv_json.is_file() or not cnn_folds(art) and not (art.root / "stack").is_dir():
-        raise FileNotFoundError(f"{art.root}: no trained artifacts to package (run `lesionstack run` first)")
+    if not art.cv_json.is_file() or not art.stack_dir.is_dir():
+        raise FileNotFoundError(f"{art.root}: no trained stacker to package (run `lesionstack run` first)")
+    if read_json(art.cv_json).get("with_cnn"):
+        cnn_folds(art)  # raises unless every CNN fold finished
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -196,6 +233,7 @@ def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         (build / "wheels").mkdir(parents=True)
         notes = _build_wheels(build / "wheels", extra_wheels, python_version)
         _copy_artifacts(art, build / "artifacts")
+        write_json(build / "artifacts" / "versions.json", library_versions())
         shutil.copy2(source_root() / "kaggle" / "kernel.py", build / "kernel.py")
         write_json(build / "dataset-metadata.json", {
             "title": dataset_id.split("/")[-1], "id": dataset_id, "licenses": [{"name": "CC0-1.0"}]})

@@ -35,13 +35,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from lesionstack.config import ConfigError, ensure_same_config, load_config, save_config
+from lesionstack.config import ConfigError, ensure_same_config, ensure_same_inputs, load_config, save_config
 from lesionstack.data.augment import AugmentConfig, augment_batch, normalize, to_float
 from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, collate_skip, shard
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
-from lesionstack.folds import read_folds
+from lesionstack.folds import folds_digest, read_folds
 from lesionstack.metrics import MetricError, pauc, roc_auc
 from lesionstack.models import ModelConfig, build_model, is_segmenter_checkpoint, param_groups
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
@@ -154,7 +154,8 @@ def amp_dtype(setting: str, device: torch.device) -> torch.dtype | None:
     if setting == "off" or (setting == "auto" and device.type != "cuda"):
         return None
     if setting == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        # emulated bf16 (T4, P100, V100) is slow: only GPUs with native bf16 get it
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
     return torch.bfloat16 if setting == "bf16" else torch.float16
 
 
@@ -322,19 +323,21 @@ def save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def check_fold_config(cfg: CNNConfig, files: FoldFiles, ctx: DistContext) -> None:
-    """Refuse a fold folder made by another config; write the config into a new one."""
+def check_fold_config(cfg: CNNConfig, files: FoldFiles, folds: pd.DataFrame, ctx: DistContext) -> None:
+    """Refuse a fold folder made by another config or another fold file; record both in a new one."""
     if files.config.exists():
         ensure_same_config(cfg, files.config, ignore=RUNTIME_KEYS)
     elif ctx.is_main:
         save_config(cfg, files.config)
+    if ctx.is_main or files.inputs.exists():
+        ensure_same_inputs({"folds": folds_digest(folds)}, files.inputs)
     barrier(ctx)
 
 
 def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, files: FoldFiles,
                rt: Runtime, on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
     """Train (or resume, or skip) one fold; returns its metrics.json content."""
-    check_fold_config(cfg, files, rt.ctx)
+    check_fold_config(cfg, files, folds, rt.ctx)
     if files.done.exists():
         log.info("fold %d: already done, skipped (%s)", fold, files.done)
         return read_json(files.metrics)
