@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -110,6 +111,19 @@ def test_run_refuses_to_mix_work_of_another_config(trained, tiny_data, tmp_path,
     path.write_text(yaml.safe_dump(dict(TINY_RUN, **change)))
     with pytest.raises(ValueError, match=message):
         run(tiny_data, out, load_run_config(path), echo=lambda _: None)
+
+
+def test_predict_from_artifacts_matches_the_runs_submission(trained, tiny_data, tmp_path):
+    """`run` scores the test set while training; `predict` (and the kernel) rescore it from the saved
+    artifacts. Both paths must give the same submission."""
+    from lesionstack.submit import predict
+
+    out, _ = trained
+    path = tmp_path / "submission.csv"
+    predict(tiny_data, out, path)
+    again, during_run = pd.read_csv(path), pd.read_csv(ArtifactPaths(out).submission)
+    assert again["isic_id"].tolist() == during_run["isic_id"].tolist()
+    assert np.allclose(again["target"], during_run["target"], atol=1e-5)
 
 
 def test_predict_on_the_real_public_test_set(trained, public_test_dir, tmp_path):

@@ -365,6 +365,10 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
         ids = [rt.ctx.local_rank] if rt.device.type == "cuda" else None
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     for epoch in range(state.epoch, cfg.epochs):
+        # checked first, so a run killed after its stopping epoch's checkpoint also stops on resume
+        if state.bad_rounds >= cfg.patience:
+            log.info("fold %d: no better pAUC in %d validations, stopping", fold, cfg.patience)
+            break
         seed_everything(cfg.seed, fold, epoch, rt.ctx.rank)  # a resumed epoch repeats the lost one exactly
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
         sampler.set_epoch(epoch)
@@ -387,9 +391,6 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
         barrier(rt.ctx)
         if on_epoch_end is not None:
             on_epoch_end(fold, state.epoch)
-        if state.bad_rounds >= cfg.patience:
-            log.info("fold %d: no better pAUC in %d validations, stopping", fold, cfg.patience)
-            break
     return finish_fold(files, state, len(train_ds), len(val_ds), rt.ctx)
 
 
