@@ -209,7 +209,6 @@ def test_warmup_then_cosine() -> None:
     assert f(10) == pytest.approx(1.0) and f(55) == pytest.approx(0.505) and f(100) == pytest.approx(0.01)
 
 
-@pytest.mark.slow
 def test_two_processes_with_gloo_write_the_same_files(trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
     root, reference, cfg = trained
     config = save_config(cfg, tmp_path / "tiny.yaml")
