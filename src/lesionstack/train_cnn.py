@@ -39,6 +39,7 @@ from lesionstack.config import ConfigError, ensure_same_config, ensure_same_inpu
 from lesionstack.data.augment import AugmentConfig, augment_batch, normalize, to_float
 from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, collate_skip, shard
 from lesionstack.data.hdf5 import H5Images
+from lesionstack.data.metadata import check_images_cover
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import folds_digest, read_folds
@@ -466,12 +467,9 @@ def test_ids(data: DataPaths, images: H5Images) -> list[str]:
     """The test lesions: test-metadata.csv's ids when present (each must have a crop), else the HDF5's."""
     if not data.test_metadata.exists():
         return list(images.ids)
-    ids = pd.read_csv(data.test_metadata, usecols=[ID_COLUMN])[ID_COLUMN].astype(str).tolist()
-    missing = [i for i in ids if i not in images]
-    if missing:
-        raise ValueError(f"{images.path}: no crop for {len(missing)} test id(s) of {data.test_metadata}, "
-                         f"first '{missing[0]}'")
-    return ids
+    meta = pd.read_csv(data.test_metadata, usecols=[ID_COLUMN], dtype={ID_COLUMN: str})
+    check_images_cover(meta, set(images.ids), data.test_metadata, images.path)
+    return meta[ID_COLUMN].tolist()
 
 
 def check_oof(oof: pd.DataFrame, folds: pd.DataFrame) -> None:
@@ -542,13 +540,6 @@ def _scored(folds: pd.DataFrame, oof: pd.DataFrame) -> tuple[np.ndarray, np.ndar
 # ---- the stage ----------------------------------------------------------------------------------------
 
 
-def check_images(folds: pd.DataFrame, images: H5Images, folds_path: str | os.PathLike[str]) -> None:
-    have = set(images.ids)
-    missing = [i for i in folds[ID_COLUMN] if i not in have]
-    if missing:
-        raise ValueError(f"{images.path}: no crop for {len(missing)} id(s) of {folds_path}, first '{missing[0]}'")
-
-
 def train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[str], cfg: CNNConfig,
               out: str | os.PathLike[str], folds_only: Sequence[int] | None = None,
               on_epoch_end: EpochHook | None = None) -> dict[str, Any]:
@@ -573,7 +564,7 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     rt = Runtime(cfg, device, amp_dtype(cfg.amp, device), ctx)
     folds = read_folds(folds_path)
     images = H5Images(data.train_images)
-    check_images(folds, images, folds_path)
+    check_images_cover(folds, set(images.ids), folds_path, images.path)
     all_folds = sorted(int(k) for k in folds["fold"].unique())
     todo = all_folds if folds_only is None else sorted(set(int(k) for k in folds_only))
     unknown = sorted(set(todo) - set(all_folds))
