@@ -43,7 +43,9 @@ def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
                for _ in range(2)]
     outputs = [w.communicate(timeout=300)[0] for w in workers]
     assert all(w.returncode == 0 for w in workers), outputs
-    assert len(_finished(art)) == 4  # 2 trials from each worker, in one study
+    trials = _finished(art)
+    assert len(trials) == 4  # 2 trials from each worker, in one study
+    assert sum(bool(t.user_attrs.get("defaults")) for t in trials) == 1  # only one worker queued the defaults
     best = read_json(art.best_params)
     assert best["model"] == "lgbm" and best["default_value"] is not None
     assert any("tuning improved" in o or "did not improve" in o for o in outputs)

@@ -19,7 +19,7 @@ import pandas as pd
 
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.features import CNN_PREFIX
-from lesionstack.files import write_json
+from lesionstack.files import file_lock, write_json
 from lesionstack.folds import read_folds
 from lesionstack.metrics import optuna_objective_value, pauc
 from lesionstack.paths import ArtifactPaths
@@ -69,25 +69,33 @@ def cv_pauc(features: pd.DataFrame, folds: pd.DataFrame, cfg: StackConfig, model
     return optuna_objective_value(scores)
 
 
-def open_study(artifacts: ArtifactPaths, study_name: str, storage: str | None = None,
-               seed: int = 0) -> optuna.Study:
-    """Create or load the study (SQLite at artifacts.study_db unless `storage` names another RDB)."""
-    if storage is None:
-        artifacts.study_db.parent.mkdir(parents=True, exist_ok=True)
-        storage = f"sqlite:///{artifacts.study_db}"
-    rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}}
-                                     if storage.startswith("sqlite") else {})
-    # seed offset by the trials already stored: a resumed run or a second worker does not repeat them
-    n_before = 0
-    try:
-        n_before = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
-    except KeyError:
-        pass
-    return optuna.create_study(
-        study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed + n_before),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
-    )
+def open_study(artifacts: ArtifactPaths, study_name: str, storage: str | None = None, seed: int = 0,
+               first_trial: dict[str, Any] | None = None) -> optuna.Study:
+    """Create or load the study (SQLite at artifacts.study_db unless `storage` names another RDB).
+
+    A new study gets `first_trial` queued. Creation runs under a file lock: two workers starting on a new
+    SQLite file otherwise race on Optuna's schema setup (UNIQUE constraint failed: alembic_version) and
+    could both queue the first trial.
+    """
+    artifacts.study_db.parent.mkdir(parents=True, exist_ok=True)
+    with file_lock(artifacts.study_db.with_name(artifacts.study_db.name + ".lock")):
+        storage = storage or f"sqlite:///{artifacts.study_db}"
+        rdb = optuna.storages.RDBStorage(storage, engine_kwargs={"connect_args": {"timeout": 60}}
+                                         if storage.startswith("sqlite") else {})
+        # seed offset by the trials already stored: a resumed run or a second worker does not repeat them
+        n_before = 0
+        try:
+            n_before = len(optuna.load_study(study_name=study_name, storage=rdb).trials)
+        except KeyError:
+            pass
+        study = optuna.create_study(
+            study_name=study_name, storage=rdb, direction="maximize", load_if_exists=True,
+            sampler=optuna.samplers.TPESampler(seed=seed + n_before),
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
+        )
+        if first_trial is not None and not study.trials:
+            study.enqueue_trial(first_trial, user_attrs={DEFAULT_TRIAL: True})
+    return study
 
 
 def tune(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str | os.PathLike[str],
@@ -103,9 +111,7 @@ def tune(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str | os.P
     feats = align_features(feats, folds)
     name = study_name or f"stack-{model}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = open_study(artifacts, name, storage, seed)
-    if not study.trials:
-        study.enqueue_trial(default_params(cfg, model), user_attrs={DEFAULT_TRIAL: True})
+    study = open_study(artifacts, name, storage, seed, first_trial=default_params(cfg, model))
 
     def objective(trial: optuna.Trial) -> float:
         return cv_pauc(feats, folds, with_params(cfg, model, search_space(trial, model)), model, trial)
