@@ -41,9 +41,28 @@ def test_saved_config_is_compared_key_by_key(tmp_path):
     ensure_same_config(Outer(), saved)
     with pytest.raises(ConfigError, match=r"lr: saved=0.1 now=0.2"):
         ensure_same_config(Outer(lr=0.2), saved)
-    text = saved.read_text().replace("note: null\n", "")  # an older run without the optional key
+    text = saved.read_text().replace("note: null\n", "").replace("lr: 0.1\n", "")  # an older release's run
     saved.write_text(text)
-    ensure_same_config(Outer(), saved)
+    ensure_same_config(Outer(), saved)  # a missing key ran with the field's default
+    with pytest.raises(ConfigError, match=r"lr: saved=0.1 now=0.2"):
+        ensure_same_config(Outer(lr=0.2), saved)
+    with pytest.raises(ConfigError, match=r"inner.size: saved=64 now=32"):  # nested keys are named in full
+        ensure_same_config(Outer(inner=Inner(size=32)), saved)
+
+
+def test_new_nested_optional_key_does_not_orphan_old_runs(tmp_path):
+    @dataclass
+    class InnerV2(Inner):
+        widths: tuple[int, ...] | None = None  # a field added in a later release
+
+    @dataclass
+    class OuterV2(Outer):
+        inner: InnerV2 = field(default_factory=InnerV2)
+
+    saved = save_config(Outer(), tmp_path / "config.yaml")  # written by the older release
+    ensure_same_config(OuterV2(), saved)
+    with pytest.raises(ConfigError, match=r"inner.widths: saved=None now=\[8, 4\]"):  # the default then
+        ensure_same_config(OuterV2(inner=InnerV2(widths=(8, 4))), saved)
 
 
 def test_shipped_run_configs_load():

@@ -85,9 +85,12 @@ def ensure_same_config(cfg: Any, saved: str | os.PathLike[str], *, ignore: tuple
 
     `ignore` names top-level keys that do not change the artifact (for example a progress-bar switch).
     """
-    now = {k: v for k, v in config_to_dict(cfg).items() if k not in ignore}
-    before = {k: v for k, v in read_config_dict(saved).items() if k not in ignore}
-    # a key missing on one side equals None on the other, so a new optional field does not orphan old runs
+    now = {k: v for k, v in _flat(config_to_dict(cfg)).items() if k.split(".")[0] not in ignore}
+    before = {k: v for k, v in _flat(read_config_dict(saved)).items() if k.split(".")[0] not in ignore}
+    # a key the saved config lacks comes from an older release: it ran with the field's default (new fields
+    # default to the old behaviour), so adding a field does not orphan old runs
+    defaults = _flat(config_to_dict(type(cfg)()))
+    before = {**{k: defaults.get(k) for k in now if k not in before}, **before}
     diff = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k))
     if diff:
         details = ", ".join(f"{k}: saved={before.get(k)!r} now={now.get(k)!r}" for k in diff)
@@ -95,6 +98,17 @@ def ensure_same_config(cfg: Any, saved: str | os.PathLike[str], *, ignore: tuple
             f"{saved} was made with a different config ({details}). Use a new output folder, or delete "
             "that folder to retrain it on purpose."
         )
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts as dotted keys ({"model": {"gate": "x"}} -> {"model.gate": "x"})."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def ensure_same_inputs(inputs: dict[str, Any], path: str | os.PathLike[str]) -> None:
