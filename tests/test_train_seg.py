@@ -129,6 +129,13 @@ def test_rerun_skips_and_other_config_is_refused(trained: tuple[Path, Path, Path
         train_segmenter(folder, out, load_config(SegConfig, config, epochs=7), progress=False)
 
 
+def test_same_config_on_other_masks_is_refused(trained: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    _, config, out = trained
+    other = make_masks_folder(tmp_path / "other", n=24, seed=1)
+    with pytest.raises(ConfigError, match="masks"):
+        train_segmenter(other, out, load_config(SegConfig, config), progress=False)
+
+
 def test_missing_mask_names_the_image(tmp_path: Path) -> None:
     folder = make_masks_folder(tmp_path / "m", n=3, size=24)
     (folder / "ISIC_0000001_segmentation.png").unlink()

@@ -16,6 +16,7 @@ DONE (written last). A rerun with DONE and the same config skips; a different co
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
-from lesionstack.config import ensure_same_config, save_config
+from lesionstack.config import ensure_same_config, ensure_same_inputs, save_config
 from lesionstack.data.augment import AugmentConfig, affine_matrices, colour_jitter, normalize, to_float
 from lesionstack.files import read_json, write_json, write_text
 from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, save_segmenter
@@ -103,6 +104,12 @@ def find_pairs(masks_dir: str | os.PathLike[str]) -> list[tuple[str, Path, Path]
     if not images:
         raise MaskDataError(f"{root}: no X.jpg + X{MASK_SUFFIX} pairs found")
     return [(name, images[name], masks[name]) for name in sorted(images)]
+
+
+def masks_digest(pairs: list[tuple[str, Path, Path]]) -> str:
+    """A fingerprint of the training pairs (names and byte sizes: cheap, and any re-export changes them)."""
+    text = "\n".join(f"{name},{img.stat().st_size},{mask.stat().st_size}" for name, img, mask in pairs)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _put(found: dict[str, Path], name: str, path: Path) -> None:
@@ -226,10 +233,16 @@ def train_segmenter(
     files = ArtifactPaths(out).segmenter
     if files.config.exists():
         ensure_same_config(cfg, files.config, ignore=RUNTIME_KEYS)  # raises on a different config, DONE or not
-        if files.done.exists():
-            log.info("%s: segmenter already trained with this config; skipping", files.dir)
-            return read_json(files.metrics)
+    if files.done.exists() and not Path(masks_dir).is_dir():
+        log.warning("%s: masks folder %s is gone; reusing the trained segmenter unchecked", files.dir, masks_dir)
+        return read_json(files.metrics)
     pairs = find_pairs(masks_dir)[: cfg.max_images]
+    inputs = {"masks": masks_digest(pairs), "n_pairs": len(pairs)}
+    if files.done.exists():
+        ensure_same_inputs(inputs, files.inputs)  # the same config on other masks is another segmenter
+        log.info("%s: segmenter already trained with this config and masks; skipping", files.dir)
+        return read_json(files.metrics)
+    write_json(files.inputs, inputs)
     images, masks = load_folder(pairs, cfg.image_size, cfg.load_workers, progress)
     train_idx, val_idx = split_indices(len(pairs), cfg.val_fraction, cfg.seed)
     torch.manual_seed(cfg.seed)
