@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from lesionstack.models import (
     param_groups,
     predict_masks,
     save_segmenter,
+    with_segmenter,
 )
 from lesionstack.models.segmenter import import_timm
 
@@ -208,6 +210,22 @@ def test_segmenter_checkpoint_round_trip(tmp_path) -> None:
         assert torch.allclose(model.mask(x), torch.sigmoid(expected))
     with pytest.raises(WeightsError, match="encoder 'resnet18'"):
         build_model(ModelConfig(segmenter_encoder="efficientnet_b0", segmenter_weights=str(path)))
+
+
+def test_fold_model_rebuilds_without_the_segmenter_file(tmp_path) -> None:
+    """Kaggle has the fold weights but not train-seg's folder: the CNN config must carry the decoder widths."""
+    _, path = _save_checkpoint(tmp_path)
+    cfg = with_segmenter(ModelConfig(classifier="mobilenetv3_small_050", segmenter_encoder="resnet18"), path)
+    assert cfg.segmenter_decoder_channels == (32, 16, 16, 8, 8)  # from the checkpoint's config.yaml
+    with pytest.raises(WeightsError, match="decoder_channels"):
+        build_model(dataclasses.replace(cfg, segmenter_decoder_channels=(16, 16, 16, 8, 8)))
+    trained = build_model(cfg).state_dict()
+    path.unlink()
+    rebuilt = build_model(dataclasses.replace(cfg, segmenter_weights=None))
+    rebuilt.load_state_dict(trained)  # same shapes: strict loading raises on any mismatch
+    default = build_model(dataclasses.replace(cfg, segmenter_weights=None, segmenter_decoder_channels=None))
+    with pytest.raises(RuntimeError, match="size mismatch"):
+        default.load_state_dict(trained)  # what the config used to rebuild without the recorded widths
 
 
 def test_checkpoint_without_config_is_refused(tmp_path) -> None:

@@ -228,3 +228,33 @@ def test_two_processes_with_gloo_write_the_same_files(trained: tuple[Path, Path,
     check_oof(pd.read_parquet(ArtifactPaths(tmp_path / "art").oof_cnn), read_folds(root / "folds.csv"))
     metrics = read_json(ArtifactPaths(tmp_path / "art").cnn_fold(0).metrics)
     assert metrics["n_train"] == read_json(ArtifactPaths(reference).cnn_fold(0).metrics)["n_train"]
+
+
+ALL_RANKS_WORKER = """
+import os, torch
+from lesionstack.train_cnn import CNNConfig, Runtime, init_distributed
+ctx = init_distributed("cpu")
+rt = Runtime(CNNConfig(), torch.device("cpu"), None, ctx)
+print(f"rank {ctx.rank}:", rt.all_ranks(ctx.rank == 0), rt.all_ranks(True), flush=True)
+"""
+
+
+def test_a_step_is_taken_by_all_ranks_or_none(tmp_path: Path) -> None:
+    """A rank whose batch is unusable makes every rank skip that step (else the others hang in backward)."""
+    script = tmp_path / "worker.py"
+    script.write_text(ALL_RANKS_WORKER)
+    torchrun = Path(sys.executable).with_name("torchrun")
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(script)], capture_output=True,
+                          text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(line for line in done.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: False True", "rank 1: False True"]
+
+
+def test_keep_last_scores_with_the_final_epoch_and_ignores_patience(tmp_path: Path) -> None:
+    root = make_cnn_data(tmp_path / "data")
+    cfg = tiny_config(gate="none", epochs=3, patience=0, keep="last")  # patience 0 would stop "best" at once
+    train_cnn(root, root / "folds.csv", cfg, tmp_path / "art", folds_only=[0])
+    metrics = read_json(ArtifactPaths(tmp_path / "art").cnn_fold(0).metrics)
+    assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]
+    assert metrics["best_epoch"] == 3 and metrics["best_pauc"] == metrics["epochs"][-1]["val_pauc"]

@@ -10,7 +10,6 @@ second run after a kill redoes only what was unfinished. The resolved run config
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -26,6 +25,7 @@ from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import make_folds_file
 from lesionstack.metrics import pauc
+from lesionstack.models import with_segmenter
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.stack import StackConfig
 from lesionstack.train_cnn import CNNConfig
@@ -154,7 +154,7 @@ def _segmenter(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> str:
 
     # a segmenter already trained under this root with this config is reused (train_segmenter checks)
     metrics = train_segmenter(masks, art.root, cfg.segmenter)
-    cfg.cnn.model = dataclasses.replace(model, segmenter_weights=os.fspath(art.segmenter.weights.resolve()))
+    cfg.cnn.model = with_segmenter(model, art.segmenter.weights.resolve())
     return f"Dice {metrics['dice']:.3f}, IoU {metrics['iou']:.3f} on {metrics['n_val']} held-out masks"
 
 

@@ -44,7 +44,7 @@ from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import folds_digest, read_folds
 from lesionstack.metrics import MetricError, pauc, roc_auc
-from lesionstack.models import ModelConfig, build_model, is_segmenter_checkpoint, param_groups
+from lesionstack.models import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,10 @@ class CNNConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01  # cosine decays to lr * min_lr_ratio
     neg_per_pos: float = 3.0  # each epoch: all positives + this many times as many fresh negatives
-    patience: int = 3  # validations without a better fold pAUC before stopping
+    patience: int = 3  # validations without a better fold pAUC before stopping (keep: best only)
+    # best: score with the epoch of best fold pAUC (early stopping; the OOF pAUC is optimistic, since the
+    # same fold picks the epoch and is scored); last: the final epoch, no selection, an unbiased OOF
+    keep: str = "best"
     val_every: int = 1  # validate every n epochs (and after the last)
     tta_hflip: bool = True  # average the logits of the image and its mirror when scoring
     seed: int = 42
@@ -82,6 +85,10 @@ class CNNConfig:
     channels_last: bool = True  # on CUDA only
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        if self.keep not in ("best", "last"):
+            raise ConfigError(f"cnn keep must be 'best' or 'last', got {self.keep!r}")
+
 
 def load_cnn_config(path: str | os.PathLike[str] | None = None,
                     segmenter: str | os.PathLike[str] | None = None, **overrides: Any) -> CNNConfig:
@@ -90,7 +97,7 @@ def load_cnn_config(path: str | os.PathLike[str] | None = None,
     if segmenter is not None:
         if not Path(segmenter).is_file():
             raise FileNotFoundError(f"--segmenter {segmenter}: no such file")
-        cfg.model = dataclasses.replace(cfg.model, segmenter_weights=os.fspath(segmenter))
+        cfg.model = with_segmenter(cfg.model, segmenter)
     return cfg
 
 
@@ -195,6 +202,16 @@ class Runtime:
     def autocast(self) -> Any:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None)
 
+    def all_ranks(self, flag: bool) -> bool:
+        """True when `flag` holds on every rank. Under DDP a step is all or nothing: a rank that skipped one
+        (a batch left with < 2 crops after skipping corrupt ones) would leave the others waiting forever
+        in the gradient all-reduce."""
+        if not self.ctx.active:
+            return flag
+        t = torch.tensor([int(flag)], device=self.device)  # nccl: on the GPU
+        torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN)
+        return bool(t.item())
+
 
 def warmup_cosine(total_steps: int, warmup_steps: int, min_ratio: float) -> Callable[[int], float]:
     """LR multiplier: linear warm-up from ~0 to 1, then cosine decay to `min_ratio`."""
@@ -225,7 +242,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt:
     bar = tqdm(loader, desc=desc, leave=False, disable=not (rt.cfg.progress and rt.ctx.is_main))
     for batch in bar:
         check_corrupt(batch, dataset, rt.cfg.skip_corrupt)
-        if len(batch.labels) < 2:  # BatchNorm cannot train on one image
+        if not rt.all_ranks(len(batch.labels) >= 2):  # BatchNorm cannot train on one image
             continue
         x = rt.finish(augment_batch(rt.prepare(batch.images), rt.cfg.augment, gen))
         y = batch.labels.to(rt.device, non_blocking=True)
@@ -367,7 +384,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
         net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
     for epoch in range(state.epoch, cfg.epochs):
         # checked first, so a run killed after its stopping epoch's checkpoint also stops on resume
-        if state.bad_rounds >= cfg.patience:
+        if cfg.keep == "best" and state.bad_rounds >= cfg.patience:
             log.info("fold %d: no better pAUC in %d validations, stopping", fold, cfg.patience)
             break
         seed_everything(cfg.seed, fold, epoch, rt.ctx.rank)  # a resumed epoch repeats the lost one exactly
@@ -383,7 +400,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
             # per-epoch validation without TTA (half the cost); the final OOF scores use it
             val_logits = predict_logits(model, val_ds, rt, desc=f"fold {fold} val", tta=False)
             row.update(evaluate(val_logits, val_ds.labels))
-            update_best(state, row, model, files, rt.ctx)
+            update_best(state, row, model, files, rt.ctx, cfg.keep)
         state.history.append(row)
         state.epoch = epoch + 1
         log_epoch(fold, row, state, rt.ctx)
@@ -396,15 +413,15 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
 
 
 def update_best(state: FoldState, row: dict[str, Any], model: nn.Module, files: FoldFiles,
-                ctx: DistContext) -> None:
-    """Keep the best weights by fold pAUC (every rank computed the same pAUC from gathered scores)."""
-    if row["val_pauc"] > state.best_pauc:
+                ctx: DistContext, keep: str = "best") -> None:
+    """Save the weights the fold will be scored with: the best so far by fold pAUC, or with keep="last"
+    every validated epoch's (every rank computed the same pAUC from gathered scores)."""
+    better = row["val_pauc"] > state.best_pauc
+    if better or keep == "last":
         state.best_pauc, state.best_auc, state.best_epoch = row["val_pauc"], row["val_auc"], row["epoch"]
-        state.bad_rounds = 0
         if ctx.is_main:
             save_torch(model.state_dict(), files.weights)
-    else:
-        state.bad_rounds += 1
+    state.bad_rounds = 0 if better else state.bad_rounds + 1
 
 
 def log_epoch(fold: int, row: dict[str, Any], state: FoldState, ctx: DistContext) -> None:
@@ -453,12 +470,9 @@ def finish_fold(files: FoldFiles, state: FoldState, n_train: int, n_val: int, ct
 
 
 def scoring_model(cfg: CNNConfig, weights: Path, device: torch.device) -> nn.Module:
-    """A fold's best model. Init-weight files are not needed (the fold's weights replace them), except a
-    train-seg checkpoint when it is still there: its config.yaml describes the segmenter's decoder."""
-    seg = cfg.model.segmenter_weights
-    keep_seg = seg is not None and Path(seg).is_file() and is_segmenter_checkpoint(seg)
-    model_cfg = dataclasses.replace(cfg.model, classifier_weights=None, segmenter_weights=seg if keep_seg else None)
-    model = build_model(model_cfg)
+    """A fold's best model. No init-weight file is needed: the fold's weights replace them all, and the
+    config records the segmenter's decoder widths, so this works where the segmenter file is absent."""
+    model = build_model(dataclasses.replace(cfg.model, classifier_weights=None, segmenter_weights=None))
     model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
     return model.to(device)
 

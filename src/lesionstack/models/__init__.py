@@ -9,7 +9,7 @@ Importing this package does not import timm; building a model does (offline, loc
 
 from lesionstack.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lesionstack.models.classifier import build_classifier
-from lesionstack.models.factory import ModelConfig, build_model, param_groups
+from lesionstack.models.factory import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.models.gated import GATES, GatedClassifier
 from lesionstack.models.segmenter import (
     DEFAULT_DECODER_CHANNELS,
@@ -41,4 +41,5 @@ __all__ = [
     "param_groups",
     "predict_masks",
     "save_segmenter",
+    "with_segmenter",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +11,7 @@ from torch import nn
 
 from lesionstack.models.classifier import build_classifier
 from lesionstack.models.gated import GATES, GatedClassifier
-from lesionstack.models.segmenter import build_segmenter
+from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, segmenter_decoder_channels
 
 
 @dataclass
@@ -24,7 +26,9 @@ class ModelConfig:
     classifier_weights: a local timm weights file (.pth/.bin/.safetensors) for the classifier; loaded with
         `pretrained_cfg_overlay=dict(file=...)`; its classifier head is dropped (num_classes=1).
     segmenter_weights: a lesionstack segmenter checkpoint (`model.pt` from train-seg, with its config.yaml
-        beside it) or a local timm weights file for the segmenter's encoder.
+        beside it) or a local timm weights file for the segmenter's encoder. Set it with `with_segmenter`.
+    segmenter_decoder_channels: the U-Net decoder's widths; None means the default (or the checkpoint's).
+        `with_segmenter` copies a checkpoint's, so a fold model rebuilds without the segmenter file.
     """
 
     classifier: str = "resnet18"
@@ -35,6 +39,7 @@ class ModelConfig:
     segmenter_weights: str | None = None
     drop_rate: float = 0.0
     drop_path_rate: float | None = None
+    segmenter_decoder_channels: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.gate not in GATES:
@@ -43,13 +48,21 @@ class ModelConfig:
             raise ValueError(f"model.segmenter_lr_scale must be >= 0, got {self.segmenter_lr_scale}")
 
 
+def with_segmenter(cfg: ModelConfig, weights: str | os.PathLike[str]) -> ModelConfig:
+    """`cfg` initialising its segmenter from `weights`; a train-seg checkpoint also brings its decoder."""
+    channels = segmenter_decoder_channels(weights)
+    if channels is None or tuple(channels) == DEFAULT_DECODER_CHANNELS:  # None already means the default
+        return dataclasses.replace(cfg, segmenter_weights=os.fspath(weights))
+    return dataclasses.replace(cfg, segmenter_weights=os.fspath(weights), segmenter_decoder_channels=tuple(channels))
+
+
 def build_model(cfg: ModelConfig) -> GatedClassifier:
     """(B, 3, H, W) ImageNet-normalised float -> (B,) logits; `model.forward_with_mask(x)` also gives the mask."""
     if cfg.gate == "none":
         segmenter = None
         in_chans = 3
     else:
-        segmenter = build_segmenter(cfg.segmenter_encoder, cfg.segmenter_weights)
+        segmenter = build_segmenter(cfg.segmenter_encoder, cfg.segmenter_weights, cfg.segmenter_decoder_channels)
         in_chans = 4
     classifier = build_classifier(
         cfg.classifier,

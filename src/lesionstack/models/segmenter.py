@@ -137,11 +137,12 @@ def is_segmenter_checkpoint(path: str | os.PathLike[str]) -> bool:
 def build_segmenter(
     encoder: str,
     weights: str | os.PathLike[str] | None = None,
-    decoder_channels: Sequence[int] = DEFAULT_DECODER_CHANNELS,
+    decoder_channels: Sequence[int] | None = None,
 ) -> UNetSegmenter:
     """A U-Net on timm `encoder`. `weights`: None (random init), a local timm backbone file (loaded into the
     encoder through `pretrained_cfg_overlay=dict(file=...)`), or a lesionstack segmenter checkpoint
-    (`model.pt` from `train-seg`, whose own config then decides the decoder)."""
+    (`model.pt` from `train-seg`, whose own config then decides the decoder). `decoder_channels`: None means
+    the checkpoint's, else DEFAULT_DECODER_CHANNELS; given with a checkpoint, the two must agree."""
     if weights is not None and is_segmenter_checkpoint(weights):
         model = load_segmenter(weights)
         if model.encoder_name != encoder:
@@ -149,8 +150,26 @@ def build_segmenter(
                 f"{weights}: segmenter checkpoint has encoder {model.encoder_name!r} but the config asks "
                 f"for {encoder!r}"
             )
+        wanted = None if decoder_channels is None else tuple(decoder_channels)[: len(model.decoder_channels)]
+        if wanted is not None and wanted != model.decoder_channels:
+            raise WeightsError(
+                f"{weights}: segmenter checkpoint has decoder_channels {list(model.decoder_channels)} but the "
+                f"config asks for {list(decoder_channels or [])}"
+            )
         return model
-    return UNetSegmenter(encoder, decoder_channels, encoder_weights=weights)
+    return UNetSegmenter(encoder, decoder_channels or DEFAULT_DECODER_CHANNELS, encoder_weights=weights)
+
+
+def segmenter_decoder_channels(path: str | os.PathLike[str]) -> list[int] | None:
+    """The decoder_channels a train-seg checkpoint was built with (its config.yaml), or None for any other
+    file. The CNN records them, so its fold weights load without the segmenter file (e.g. on Kaggle)."""
+    from lesionstack.config import read_config_dict
+
+    config = Path(path).parent / "config.yaml"
+    if not is_segmenter_checkpoint(path) or not config.is_file():
+        return None
+    channels = read_config_dict(config).get("decoder_channels")
+    return list(channels or DEFAULT_DECODER_CHANNELS)
 
 
 def save_segmenter(model: UNetSegmenter, path: str | os.PathLike[str]) -> Path:
