@@ -13,7 +13,7 @@ import pytest
 import simplejpeg
 
 from lesionstack.data.hdf5 import CorruptImageError, H5Images, decode_jpeg
-from lesionstack.data.metadata import MetadataError, check_images_cover, read_metadata
+from lesionstack.data.metadata import MetadataError, check_images_cover, id_mismatch, read_metadata
 from lesionstack.data.schema import NUMERIC_TEST_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS
 
 # ---- the real files, as they are -------------------------------------------------------------------
@@ -195,3 +195,11 @@ def test_pillow_fallback_decodes_the_same_image(monkeypatch, public_test_dir):
     assert min(images.read("ISIC_0015657", min_side=64).shape[:2]) >= 64
     with pytest.raises(CorruptImageError, match="ISIC_X"):
         hdf5.decode_jpeg(b"junk", "ISIC_X")
+
+
+def test_id_mismatch_names_each_kind_with_examples():
+    assert id_mismatch(["b", "a", "c"], ["a", "b", "c"]) is None  # order does not matter
+    assert id_mismatch(["a", "a", "x"], ["a", "b"]) == "1 missing (e.g. ['b']), 1 repeated (e.g. ['a']), " \
+        "1 unexpected (e.g. ['x'])"
+    five = id_mismatch([f"ISIC_{i}" for i in range(5)], [])
+    assert five == "5 unexpected (e.g. ['ISIC_0', 'ISIC_1', 'ISIC_2'])"  # three examples, not the whole list

@@ -28,6 +28,7 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from tqdm.auto import tqdm
 
 from lesionstack.config import ensure_same_config, ensure_same_inputs, save_config
+from lesionstack.data.metadata import id_mismatch
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.features import CAT_PREFIX, CATEGORY_VOCAB, CNN_PREFIX, categorical_columns, has_cnn
 from lesionstack.files import atomic_path, read_json, write_json, write_text
@@ -271,15 +272,8 @@ def align_features(features: pd.DataFrame, folds: pd.DataFrame, where: str = "fe
     if ID_COLUMN not in features.columns:
         raise StackError(f"{where}: no column {ID_COLUMN!r}")
     ids = features[ID_COLUMN].astype(str)
-    dup = ids[ids.duplicated()]
-    missing = folds.loc[~folds[ID_COLUMN].isin(ids), ID_COLUMN]
-    extra = ids[~ids.isin(folds[ID_COLUMN])]
-    if len(dup) or len(missing) or len(extra):
-        raise StackError(
-            f"{where} does not match the fold file: {len(missing)} training row(s) missing "
-            f"(e.g. {_examples(missing)}), {len(dup)} duplicated (e.g. {_examples(dup)}), "
-            f"{len(extra)} not in the fold file (e.g. {_examples(extra)})"
-        )
+    if why := id_mismatch(ids, folds[ID_COLUMN]):
+        raise StackError(f"{where} does not match the fold file's training rows: {why}")
     return features.set_index(ids).loc[folds[ID_COLUMN]].reset_index(drop=True)
 
 
@@ -292,15 +286,8 @@ def check_cnn_oof(cnn_oof: pd.DataFrame, folds: pd.DataFrame, where: str = "CNN 
     if need:
         raise StackError(f"{where}: missing column(s) {need}")
     ids = cnn_oof[ID_COLUMN].astype(str)
-    dup = ids[ids.duplicated()].unique()
-    missing = folds.loc[~folds[ID_COLUMN].isin(ids), ID_COLUMN]
-    extra = ids[~ids.isin(folds[ID_COLUMN])]
-    if len(dup) or len(missing) or len(extra):
-        raise StackError(
-            f"{where} must score every training row exactly once: {len(missing)} row(s) missing "
-            f"(e.g. {_examples(missing)}), {len(dup)} duplicated (e.g. {_examples(dup)}), "
-            f"{len(extra)} unknown to the fold file (e.g. {_examples(extra)})"
-        )
+    if why := id_mismatch(ids, folds[ID_COLUMN]):
+        raise StackError(f"{where} must score every training row exactly once: {why}")
     oof = cnn_oof.assign(**{ID_COLUMN: ids}).set_index(ID_COLUMN).loc[folds[ID_COLUMN]].reset_index()
     wrong = oof["fold"].to_numpy() != folds["fold"].to_numpy()
     if wrong.any():

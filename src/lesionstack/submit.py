@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 
 from lesionstack.data.hdf5 import H5Images
-from lesionstack.data.metadata import check_images_cover, read_metadata
+from lesionstack.data.metadata import check_images_cover, id_mismatch, read_metadata
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import read_folds
@@ -41,26 +41,14 @@ def validate_submission(sub: pd.DataFrame, test_ids: Sequence[str]) -> None:
     """Header `isic_id,target`, exactly one row per test id and no other id, values finite in [0, 1]."""
     if list(sub.columns) != SUBMISSION_COLUMNS:
         raise SubmissionError(f"submission header is {list(sub.columns)}, expected {SUBMISSION_COLUMNS}")
-    ids = sub[ID_COLUMN].astype(str)
-    dup = ids[ids.duplicated()]
-    if len(dup):
-        raise SubmissionError(f"{len(dup)} isic_id(s) appear more than once, first '{dup.iloc[0]}'")
-    expected = set(map(str, test_ids))
-    missing = sorted(expected - set(ids))
-    extra = sorted(set(ids) - expected)
-    if missing or extra:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} test id(s) missing (e.g. {missing[:3]})")
-        if extra:
-            parts.append(f"{len(extra)} id(s) not in the test set (e.g. {extra[:3]})")
-        raise SubmissionError("submission ids do not match the test set: " + "; ".join(parts))
+    if why := id_mismatch(sub[ID_COLUMN], test_ids):
+        raise SubmissionError(f"submission ids must be the test set's, each once: {why}")
     values = pd.to_numeric(sub["target"], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values) | (values < 0) | (values > 1)
     if bad.any():
         i = int(np.argmax(bad))
         raise SubmissionError(f"{int(bad.sum())} target value(s) not finite in [0, 1], "
-                              f"first {sub['target'].iloc[i]} for '{ids.iloc[i]}'")
+                              f"first {sub['target'].iloc[i]} for '{sub[ID_COLUMN].iloc[i]}'")
 
 
 def write_submission(scores: pd.DataFrame, test_ids: Sequence[str], path: str | os.PathLike[str]) -> Path:

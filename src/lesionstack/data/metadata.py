@@ -7,8 +7,9 @@ the right place. Extra columns are kept; training-only columns are optional at p
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import pandas as pd
 import polars as pl
@@ -123,6 +124,17 @@ def _check_target(typed: pl.DataFrame, path: Path) -> pl.DataFrame:
             f"value {target[i]!r} is not 0 or 1"
         )
     return typed.with_columns(pl.col(TARGET_COLUMN).cast(pl.Int8))
+
+
+def id_mismatch(ids: Iterable[Any], expected: Iterable[Any], examples: int = 3) -> str | None:
+    """None when `ids` hold every `expected` id exactly once and nothing else; otherwise what differs, with
+    examples, e.g. "2 missing (e.g. ['ISIC_1', 'ISIC_7']), 1 repeated (e.g. ['ISIC_3'])". The one check
+    behind every "each row exactly once" contract (OOF scores, feature tables, the submission)."""
+    have, want = pd.Series(list(ids)).astype(str), pd.Series(list(expected)).astype(str)
+    found = {"missing": want[~want.isin(have)], "repeated": have[have.duplicated()].unique(),
+             "unexpected": have[~have.isin(want)]}
+    parts = [f"{len(v)} {k} (e.g. {list(v)[:examples]})" for k, v in found.items() if len(v)]
+    return ", ".join(parts) or None
 
 
 def check_images_cover(metadata: pd.DataFrame, image_ids: set[str] | frozenset[str], metadata_path: str
