@@ -122,8 +122,8 @@ def train_cnn_cmd(
     only = [int(k) for k in folds_only.split(",") if k.strip()] or None
     summary = train_cnn(data_dir, folds, cfg, out, folds_only=only)
     for fold, m in summary["folds"].items():
-        typer.echo(f"fold {fold}: best pAUC {m['best_pauc']:.4f} (AUC {m['best_auc']:.4f}) at epoch "
-                   f"{m['best_epoch']}, {m['n_train']} train / {m['n_val']} val")
+        typer.echo(f"fold {fold}: kept epoch {m['best_epoch']} ({cfg.keep}): pAUC {m['best_pauc']:.4f}, AUC "
+                   f"{m['best_auc']:.4f}; {m['n_train']} train / {m['n_val']} val")
     if "oof_pauc" in summary:
         typer.echo(f"OOF pAUC {summary['oof_pauc']:.4f}, AUC {summary['oof_auc']:.4f} -> {out}")
 

@@ -39,7 +39,7 @@ from lesionstack.config import ConfigError, ensure_same_config, ensure_same_inpu
 from lesionstack.data.augment import AugmentConfig, augment_batch, normalize, to_float
 from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, collate_skip, shard
 from lesionstack.data.hdf5 import H5Images
-from lesionstack.data.metadata import check_images_cover
+from lesionstack.data.metadata import check_images_cover, id_mismatch
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import folds_digest, read_folds
@@ -428,7 +428,7 @@ def log_epoch(fold: int, row: dict[str, Any], state: FoldState, ctx: DistContext
     if not ctx.is_main:
         return
     val = "" if row["val_pauc"] is None else f" val_loss {row['val_loss']:.4f} pAUC {row['val_pauc']:.4f}"
-    log.info("fold %d epoch %d: train_loss %.4f%s (%.0f img/s; best pAUC %.4f at epoch %d)", fold,
+    log.info("fold %d epoch %d: train_loss %.4f%s (%.0f img/s; kept: pAUC %.4f, epoch %d)", fold,
              row["epoch"], row["train_loss"], val, row["images_per_s"], state.best_pauc, state.best_epoch)
 
 
@@ -488,13 +488,9 @@ def test_ids(data: DataPaths, images: H5Images) -> list[str]:
 
 def check_oof(oof: pd.DataFrame, folds: pd.DataFrame) -> None:
     """The OOF contract: every training row exactly once, scored by its own fold's model."""
-    if oof[ID_COLUMN].duplicated().any():
-        raise AssertionError(f"OOF scores repeat ids, first '{oof[ID_COLUMN][oof[ID_COLUMN].duplicated()].iloc[0]}'")
-    merged = folds[[ID_COLUMN, "fold"]].merge(oof, on=ID_COLUMN, how="outer", suffixes=("", "_oof"),
-                                              indicator=True)
-    if (merged["_merge"] != "both").any():
-        bad = merged[merged["_merge"] != "both"].iloc[0]
-        raise AssertionError(f"OOF ids differ from the fold file's, first '{bad[ID_COLUMN]}'")
+    if why := id_mismatch(oof[ID_COLUMN], folds[ID_COLUMN]):
+        raise AssertionError(f"OOF ids differ from the fold file's: {why}")
+    merged = folds[[ID_COLUMN, "fold"]].merge(oof, on=ID_COLUMN, suffixes=("", "_oof"))
     if (merged["fold"] != merged["fold_oof"]).any():
         bad = merged[merged["fold"] != merged["fold_oof"]].iloc[0]
         raise AssertionError(f"'{bad[ID_COLUMN]}' scored by fold {bad['fold_oof']}'s model, not {bad['fold']}")

@@ -222,7 +222,7 @@ def _cnn_part(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
              f"{np.median([e.get('images_per_s', np.nan) for e in m['epochs']]):.0f}"]
             for k, m in sorted(inputs.cnn_metrics.items())]
     return ("<h3>CNN training per fold</h3>" + h.figure("cnn_training.png", "CNN loss and validation pAUC per "
-            "epoch and fold.") + h.table(["fold", "best epoch", "best pAUC", "best AUC", "train", "val",
+            "epoch and fold.") + h.table(["fold", "kept epoch", "its pAUC", "its AUC", "train", "val",
                                           "images/s (median)"], rows))
 
 
