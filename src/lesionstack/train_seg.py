@@ -11,7 +11,8 @@ loss = BCE + dice_weight * soft Dice; AdamW with a per-step cosine schedule. Dic
 means at threshold 0.5 on the held-out part (an image whose mask and prediction are both empty scores 1).
 
 Output, under `ArtifactPaths(out).segmenter`: model.pt (best held-out Dice), metrics.json, config.yaml,
-DONE (written last). A rerun with DONE and the same config skips; a different config is refused.
+inputs.json (a digest of the masks), DONE (written last). A rerun with DONE, the same config and the same
+masks skips; a different config or other masks are refused.
 """
 
 from __future__ import annotations
