@@ -242,7 +242,10 @@ def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt:
     bar = tqdm(loader, desc=desc, leave=False, disable=not (rt.cfg.progress and rt.ctx.is_main))
     for batch in bar:
         check_corrupt(batch, dataset, rt.cfg.skip_corrupt)
-        if not rt.all_ranks(len(batch.labels) >= 2):  # BatchNorm cannot train on one image
+        usable = len(batch.labels) >= 2  # BatchNorm cannot train on one image
+        if rt.cfg.skip_corrupt:  # ranks get equal shards: only skipped crops make their batches differ
+            usable = rt.all_ranks(usable)  # a collective, so it stays off the default per-step path
+        if not usable:
             continue
         x = rt.finish(augment_batch(rt.prepare(batch.images), rt.cfg.augment, gen))
         y = batch.labels.to(rt.device, non_blocking=True)

@@ -150,11 +150,11 @@ def build_segmenter(
                 f"{weights}: segmenter checkpoint has encoder {model.encoder_name!r} but the config asks "
                 f"for {encoder!r}"
             )
-        wanted = None if decoder_channels is None else tuple(decoder_channels)[: len(model.decoder_channels)]
-        if wanted is not None and wanted != model.decoder_channels:
+        n = len(model.decoder_channels)  # the net uses one width per encoder stage
+        if decoder_channels is not None and tuple(decoder_channels)[:n] != model.decoder_channels:
             raise WeightsError(
                 f"{weights}: segmenter checkpoint has decoder_channels {list(model.decoder_channels)} but the "
-                f"config asks for {list(decoder_channels or [])}"
+                f"config asks for {list(decoder_channels)}"
             )
         return model
     return UNetSegmenter(encoder, decoder_channels or DEFAULT_DECODER_CHANNELS, encoder_weights=weights)
