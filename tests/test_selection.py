@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lesionstack.config import save_config
+from lesionstack.files import write_text
 from lesionstack.paths import ArtifactPaths
 from lesionstack.pipeline import format_summary
 from lesionstack.tabular.selection import selection_caveat, selection_flags
@@ -13,15 +14,19 @@ from lesionstack.train.cnn import CNNConfig
 
 
 def cnn_folds(root: Path, keeps: list[str]) -> ArtifactPaths:
+    """CNN fold configs; "best" is a fold made before keep: best was refused (picked on the scored fold)."""
     art = ArtifactPaths(root)
     for k, keep in enumerate(keeps):
         art.cnn_fold(k).config.parent.mkdir(parents=True, exist_ok=True)
-        save_config(CNNConfig(keep=keep), art.cnn_fold(k).config)
+        if keep == "best":
+            write_text(art.cnn_fold(k).config, "keep: best\nlr: 0.001\n")
+        else:
+            save_config(CNNConfig(keep=keep), art.cnn_fold(k).config)
     return art
 
 
 def test_flags_follow_tuning_and_each_cnn_folds_keep(tmp_path: Path) -> None:
-    last = cnn_folds(tmp_path / "last", ["last", "last"])
+    last = cnn_folds(tmp_path / "last", ["last", "best_inner"])
     assert selection_flags(False, True, last, 2) == {"tuned_on_same_folds": False,
                                                      "cnn_epoch_selected_on_scored_fold": False}
     mixed = cnn_folds(tmp_path / "mixed", ["last", "best"])

@@ -86,7 +86,21 @@ def test_each_fold_folder_holds_the_same_files(trained: tuple[Path, Path, CNNCon
         metrics = read_json(files.metrics)
         assert set(metrics) == METRIC_KEYS and metrics["n_train"] + metrics["n_val"] == 24
         assert [set(e) for e in metrics["epochs"]] == [EPOCH_KEYS] * 2
-        assert metrics["best_pauc"] == max(e["val_pauc"] for e in metrics["epochs"])
+        # keep: last (the default) keeps the final epoch; its validation watched the scored fold, nothing more
+        assert metrics["best_epoch"] == 2 and metrics["best_pauc"] == metrics["epochs"][-1]["val_pauc"]
+
+
+def test_two_folds_at_once_in_their_own_processes_train_exactly_as_one_after_the_other(
+        trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
+    root, out, cfg = trained
+    summary = train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, fold_workers=2), tmp_path / "art")
+    for k in (0, 1):
+        alone, side_by_side = ArtifactPaths(out).cnn_fold(k), ArtifactPaths(tmp_path / "art").cnn_fold(k)
+        assert read_json(side_by_side.metrics)["epochs"][-1]["val_pauc"] == \
+            read_json(alone.metrics)["epochs"][-1]["val_pauc"]
+        for key, value in load_weights(alone.safetensors).items():
+            assert torch.equal(value, load_weights(side_by_side.safetensors)[key]), (k, key)
+    assert summary["oof_pauc"] == pytest.approx(train_cnn(root, root / "folds.csv", cfg, out)["oof_pauc"])
 
 
 def test_check_oof_catches_a_broken_contract(trained: tuple[Path, Path, CNNConfig]) -> None:
@@ -221,9 +235,37 @@ def test_two_processes_with_gloo_write_the_same_files(trained: tuple[Path, Path,
     assert metrics["n_train"] == read_json(ArtifactPaths(reference).cnn_fold(0).metrics)["n_train"]
 
 
+def test_keep_best_on_the_scored_fold_is_refused_with_the_alternatives() -> None:
+    with pytest.raises(ConfigError, match="keep: last.*keep: best_inner"):
+        tiny_config(keep="best")
+
+
+def test_best_inner_picks_the_epoch_on_training_rows_never_on_the_scored_fold(tmp_path: Path) -> None:
+    """The scored fold's labels cannot change what best_inner keeps: move its positives to other crops and
+    the kept epoch and weights stay bit-identical; the validated rows are an inner split of the training folds."""
+    root = make_cnn_data(tmp_path / "data")
+    cfg = tiny_config(gate="none", epochs=3, patience=5, keep="best_inner", inner_folds=2)
+    folds = read_folds(root / "folds.csv")
+    scored = folds["fold"] == 0
+    flipped = folds.copy()
+    flipped.loc[scored, "target"] = np.roll(folds.loc[scored, "target"].to_numpy(), 1)  # same counts, other crops
+    assert (flipped["target"] != folds["target"]).any()
+    flipped.to_csv(tmp_path / "flipped.csv", index=False)
+    kept = {}
+    for name, fold_file in (("as_is", root / "folds.csv"), ("flipped", tmp_path / "flipped.csv")):
+        train_cnn(root, fold_file, cfg, tmp_path / name, folds_only=[0])
+        files = ArtifactPaths(tmp_path / name).cnn_fold(0)
+        metrics = read_json(files.metrics)
+        assert metrics["n_val"] == 8 and metrics["n_train"] == 4  # 2 training patients: one trains, one picks
+        kept[name] = metrics["best_epoch"], load_weights(files.safetensors)
+    assert kept["as_is"][0] == kept["flipped"][0]
+    for key, value in kept["as_is"][1].items():
+        assert torch.equal(value, kept["flipped"][1][key]), key
+
+
 def test_keep_last_scores_with_the_final_epoch_and_ignores_patience(tmp_path: Path) -> None:
     root = make_cnn_data(tmp_path / "data")
-    cfg = tiny_config(gate="none", epochs=3, patience=0, keep="last")  # patience 0 would stop "best" at once
+    cfg = tiny_config(gate="none", epochs=3, patience=0, keep="last")  # patience only stops best_inner
     train_cnn(root, root / "folds.csv", cfg, tmp_path / "art", folds_only=[0])
     metrics = read_json(ArtifactPaths(tmp_path / "art").cnn_fold(0).metrics)
     assert [e["epoch"] for e in metrics["epochs"]] == [1, 2, 3]

@@ -197,8 +197,7 @@ def train_cnn_cmd(
     only = [int(k) for k in folds_only.split(",") if k.strip()] or None
     result = cnn_stage(DataPaths(data_dir), ArtifactPaths(out), cfg, folds=folds, folds_only=only)
     for m in result.folds:
-        typer.echo(f"fold {m.fold}: kept epoch {m.kept_epoch} ({result.keep}): pAUC {m.pauc:.4f}, AUC "
-                   f"{m.auc:.4f}; {m.n_train} train / {m.n_val} val")
+        typer.echo(f"{m} (keep: {result.keep})")
     if result.oof_pauc is not None:
         typer.echo(f"OOF pAUC {result.oof_pauc:.4f}, AUC {result.oof_auc:.4f} -> {out}")
 
