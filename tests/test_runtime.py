@@ -14,7 +14,15 @@ import pytest
 import torch
 
 from lesionstack.config import ConfigError
-from lesionstack.runtime import DistContext, RunSettings, Runtime, amp_dtype, gather_rows, resolve_device
+from lesionstack.runtime import (
+    DistContext,
+    RunSettings,
+    Runtime,
+    amp_dtype,
+    gather_rows,
+    model_logits,
+    resolve_device,
+)
 from lesionstack.train.cnn import CNNConfig
 
 
@@ -30,6 +38,21 @@ def test_run_settings_are_picked_from_a_config_object_or_a_plain_dict() -> None:
     assert RunSettings.pick(cfg) == RunSettings(eval_batch_size=7, tta_hflip=False, skip_corrupt=True)
     saved = {"eval_batch_size": 9, "model": {"gate": "none"}, "lr": 0.1}  # other keys are not its business
     assert RunSettings.pick(saved, progress=False, num_workers=None) == RunSettings(eval_batch_size=9, progress=False)
+
+
+def test_tta_averages_the_mirror_and_with_dihedral_all_8_symmetries_of_the_square() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(1))
+    x = torch.randn(5, 3, 8, 8)
+    rt = Runtime.create(RunSettings(), device="cpu")
+    with torch.no_grad():
+        model(x)
+        views = [torch.rot90(v, k, dims=(2, 3)) for v in (x, torch.flip(x, dims=[3])) for k in range(4)]
+        each = [model(v).float() for v in views]
+        torch.testing.assert_close(model_logits(model, x, rt, tta=False), each[0])
+        torch.testing.assert_close(model_logits(model, x, rt, tta=True), (each[0] + each[4]) / 2)
+        torch.testing.assert_close(model_logits(model, x, rt, tta=True, dihedral=True), torch.stack(each).mean(0))
+        assert not torch.allclose(each[1], each[0])  # the views differ: the mean is not a tautology
 
 
 def test_device_and_precision_on_cpu() -> None:

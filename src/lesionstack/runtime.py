@@ -118,6 +118,7 @@ class RunSettings:
     progress: bool = True
     skip_corrupt: bool = False  # True: log and skip undecodable crops (scored NaN); False: stop naming the id
     tta_hflip: bool = True  # average the logits of the image and its mirror when scoring
+    tta_dihedral: bool = False  # also each view's 3 rotations by 90 degrees: all 8 symmetries of the square
 
     @classmethod
     def pick(cls, source: Mapping[str, Any] | Any, **overrides: Any) -> RunSettings:
@@ -197,13 +198,17 @@ def make_loader(dataset: CropDataset, rt: Runtime, *, sampler: Any, batch_size: 
 # ---- scoring ------------------------------------------------------------------------------------------
 
 
-def model_logits(model: nn.Module, x: torch.Tensor, rt: Runtime, tta: bool) -> torch.Tensor:
-    """float32 logits (B,) of a prepared batch; with `tta` the mean of the image's and its mirror's."""
+def model_logits(model: nn.Module, x: torch.Tensor, rt: Runtime, tta: bool, dihedral: bool = False) -> torch.Tensor:
+    """float32 logits (B,) of a prepared batch; with `tta` the mean over the image and its mirror, with
+    `dihedral` also over their rotations by 90, 180 and 270 degrees (a lesion has no up or left)."""
+    views = [x, torch.flip(x, dims=[3])] if tta else [x]
+    if dihedral:
+        views = [torch.rot90(v, turns, dims=(2, 3)) for v in views for turns in range(4)]
     with rt.autocast():
-        logits = model(x).float()
-        if tta:
-            logits = 0.5 * (logits + model(torch.flip(x, dims=[3])).float())
-    return logits
+        logits = model(views[0]).float()
+        for view in views[1:]:
+            logits = logits + model(view).float()
+    return logits / len(views)
 
 
 @torch.no_grad()
@@ -211,12 +216,13 @@ def predict_logits(model: nn.Module, dataset: CropDataset, rt: Runtime, indices:
                    desc: str = "score", tta: bool | None = None) -> np.ndarray:
     """Logits for `indices` of `dataset` (all by default) as an array over the whole dataset (NaN elsewhere).
 
-    `tta` (default: the settings' `tta_hflip`) averages the logits of each image and its mirror.
+    `tta` (default: the settings' `tta_hflip` and `tta_dihedral`) averages the logits of each image and its
+    mirror; an explicit `tta` never adds the rotations (per-epoch validation passes False).
     Under DDP each rank scores a strided shard and the shards are gathered, so every rank returns the
     same array. Skipped corrupt crops stay NaN.
     """
     model.eval()
-    tta = rt.settings.tta_hflip if tta is None else tta
+    tta, dihedral = (rt.settings.tta_hflip, rt.settings.tta_dihedral) if tta is None else (tta, False)
     indices = list(range(len(dataset))) if indices is None else list(indices)
     mine = shard(indices, rt.ctx.rank, rt.ctx.world_size, pad=False)
     loader = make_loader(dataset, rt, sampler=mine, batch_size=rt.settings.eval_batch_size)
@@ -225,7 +231,7 @@ def predict_logits(model: nn.Module, dataset: CropDataset, rt: Runtime, indices:
         check_corrupt(batch, dataset, rt.settings.skip_corrupt)
         if len(batch.index) == 0:
             continue
-        logits = model_logits(model, rt.finish(rt.prepare(batch.images)), rt, tta)
+        logits = model_logits(model, rt.finish(rt.prepare(batch.images)), rt, tta, dihedral)
         found_idx.append(batch.index.numpy())
         found_logit.append(logits.cpu().numpy())
     return gather_rows(found_idx, found_logit, len(dataset), rt.ctx)

@@ -108,6 +108,7 @@ class _Fold:
     fold: int
     model: GatedClassifier
     tta: bool
+    dihedral: bool = False
 
 
 class Predictor:
@@ -145,7 +146,7 @@ class Predictor:
         rt = Runtime.create(settings, device=device, amp=first.get("amp", "auto"), ctx=ctx)
         loaded = [_Fold(k, rt.place(load_fold_model(cfg["model"], art.cnn_fold(k).kept_weights,
                                                     str(art.cnn_fold(k).config))),
-                        bool(cfg.get("tta_hflip", settings.tta_hflip)))
+                        bool(cfg.get("tta_hflip", settings.tta_hflip)), bool(cfg.get("tta_dihedral", False)))
                   for k, cfg in configs.items()]
         log.info("predictor: %d CNN fold model(s) from %s on %s", len(loaded), art.root, rt.device)
         predictor = cls(art, loaded, int(first.get("image_size", 0)), rt)
@@ -337,7 +338,7 @@ class Predictor:
         """Mean over the fold models of sigmoid(logit) of one prepared batch (float64, as the OOF scores)."""
         total = np.zeros(len(x))
         for f in self._folds:
-            total += sigmoid(model_logits(f.model, x, self.rt, f.tta).cpu().numpy().astype(np.float64))
+            total += sigmoid(model_logits(f.model, x, self.rt, f.tta, f.dihedral).cpu().numpy().astype(np.float64))
         return total / len(self._folds)
 
 

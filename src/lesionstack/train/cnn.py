@@ -117,6 +117,7 @@ class CNNConfig:
     # gate_none: fall back to model.gate none (a plain classifier)
     untrained_segmenter: str = "allow"
     tta_hflip: bool = True  # average the logits of the image and its mirror when scoring
+    tta_dihedral: bool = False  # and of their rotations by 90, 180, 270 degrees: 8 views (4x the scoring time)
     seed: int = 42
     num_workers: int = 2
     cpu_threads: int = 0  # torch threads on CPU; 0 keeps torch's default (1 is faster on a busy machine)
