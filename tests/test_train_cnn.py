@@ -24,6 +24,7 @@ from lesionstack.files import read_json
 from lesionstack.folds import read_folds
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
+from lesionstack.resume import ResumeError
 from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
 from lesionstack.train.cnn import CNNConfig, check_oof, scoring_model, train_cnn, warmup_cosine
 
@@ -186,6 +187,13 @@ def test_classifier_weights_come_from_a_local_file(trained: tuple[Path, Path, CN
     assert convs
     for key in convs:
         torch.testing.assert_close(saved[f"classifier.{key}"], state[key])
+    moved = tmp_path / "elsewhere.pth"  # the same bytes elsewhere: provenance only, the fold is reused
+    moved.write_bytes(weights.read_bytes())
+    cfg.model = dataclasses.replace(cfg.model, classifier_weights=str(moved))
+    train_cnn(root, root / "folds.csv", cfg, tmp_path / "art", folds_only=[0])
+    torch.save({k: v + 1 if v.ndim == 4 else v for k, v in state.items()}, moved)  # other weights, same path
+    with pytest.raises(ResumeError, match="model.classifier_weights changed"):
+        train_cnn(root, root / "folds.csv", cfg, tmp_path / "art", folds_only=[0])
 
 
 def test_corrupt_crop_stops_the_run_naming_it(tmp_path: Path) -> None:

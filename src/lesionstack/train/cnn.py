@@ -53,7 +53,16 @@ from lesionstack.inference.predictor import Predictor, load_fold_model
 from lesionstack.metrics import MetricError, pauc, roc_auc
 from lesionstack.models import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
-from lesionstack.resume import Resume, changed_inputs, describe, files_digest, frame_digest, guard, images_digest
+from lesionstack.resume import (
+    Resume,
+    changed_inputs,
+    describe,
+    file_digest,
+    files_digest,
+    frame_digest,
+    guard,
+    images_digest,
+)
 from lesionstack.runtime import (
     DistContext,
     RunSettings,
@@ -74,6 +83,9 @@ log = logging.getLogger(__name__)
 
 # Top-level config keys that change how fast a fold trains, never what it learns.
 RUNTIME_KEYS = ("eval_batch_size", "num_workers", "cpu_threads", "fold_workers", "device", "progress")
+# with keep: last, validation only watches (nothing is picked on it, and each epoch reseeds), so how often and on
+# how many crops it runs cannot change the fold's weights
+MONITOR_KEYS = ("val_every", "val_max_negatives")
 # where the initial weights were read from: provenance only (the fold's model.safetensors holds every weight), and
 # absolute, so comparing them would refuse to resume a copied or moved artifacts folder
 PROVENANCE_KEYS = ("model.segmenter_weights", "model.classifier_weights")
@@ -284,9 +296,16 @@ def save_torch(obj: Any, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def fold_inputs(folds: pd.DataFrame, images_digest: str) -> dict[str, str]:
-    """What a CNN fold is made from: the fold file's assignment and labels, and the training crops."""
-    return {"folds": folds_digest(folds), "train_images": images_digest}
+def fold_inputs(folds: pd.DataFrame, images_digest: str, model: ModelConfig | None = None) -> dict[str, str]:
+    """What a CNN fold is made from: the fold file's assignment and labels, the training crops, and the
+    bytes of the initial weights files the model starts from (their paths are provenance only, so a moved
+    artifacts folder resumes, but a retrained segmenter is a different start and is refused)."""
+    inputs = {"folds": folds_digest(folds), "train_images": images_digest}
+    for key in PROVENANCE_KEYS:
+        path = getattr(model, key.split(".")[1], None) if model is not None else None
+        if path is not None and Path(path).is_file():
+            inputs[key] = file_digest(path)
+    return inputs
 
 
 def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, files: FoldFiles,
@@ -298,8 +317,9 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     `resume.guard` decides: a finished or checkpointed fold made by another config (runtime keys aside)
     or from other inputs (default: `fold_inputs` of `folds` and `images`) is refused, naming the key.
     """
-    inputs = inputs if inputs is not None else fold_inputs(folds, images_digest(images.path))
-    decision = guard(files, cfg, inputs, ignore=RUNTIME_KEYS + PROVENANCE_KEYS, write=rt.ctx.is_main)
+    inputs = inputs if inputs is not None else fold_inputs(folds, images_digest(images.path), cfg.model)
+    ignore = RUNTIME_KEYS + PROVENANCE_KEYS + (MONITOR_KEYS if cfg.keep == "last" else ())
+    decision = guard(files, cfg, inputs, ignore=ignore, write=rt.ctx.is_main)
     barrier(rt.ctx)
     if decision is Resume.SKIP:
         log.info("fold %d: already done, skipped (%s)", fold, files.done)
@@ -589,7 +609,7 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
         log.info("train-cnn on %s (%s, amp %s, %d process(es)), folds %s", data.root, device, rt.dtype,
                  ctx.world_size, todo)
     train_images = images_digest(images.path)
-    inputs = fold_inputs(folds, train_images)
+    inputs = fold_inputs(folds, train_images, cfg.model)
     summary: dict[str, Any] = {"folds": train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs,
                                                     Path(folds_path))}
     if all(art.cnn_fold(k).done.exists() for k in all_folds):
