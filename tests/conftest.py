@@ -24,6 +24,18 @@ def shared_data() -> Path:
 
 
 @pytest.fixture(scope="session")
+def exported_student(tmp_path_factory) -> tuple[Path, Path, Path, dict]:
+    """A tiny distilled student (tests/_student.py: 2 folds, OOF scores) exported, fp32 and int8, into
+    ARTIFACTS/export, shared by the export and serve tests: (data, artifacts, export folder, export.json)."""
+    from _student import train_tiny_student
+    from lesionstack.inference.export import export_student
+
+    root, art, _, _ = train_tiny_student(tmp_path_factory.mktemp("exported_student"))
+    report = export_student(root, art, art / "export", name="tiny", fold=0, int8=True, calibration_crops=12)
+    return root, art, art / "export", report
+
+
+@pytest.fixture(scope="session")
 def public_test_dir(shared_data: Path) -> Path:
     return shared_data / "isic2024-public-test"
 

@@ -11,7 +11,6 @@ import onnx
 import pytest
 import torch
 
-from _student import train_tiny_student
 from lesionstack.data.augment import IMAGENET_MEAN, normalize, to_float
 from lesionstack.data.dataset import CropDataset
 from lesionstack.folds import read_folds
@@ -21,7 +20,6 @@ from lesionstack.inference.export import (
     INT8_PAUC_TOL,
     PARITY_TOL,
     OnnxStudent,
-    export_student,
     preprocess,
     preprocess_spec,
 )
@@ -29,12 +27,8 @@ from lesionstack.train.distill import load_student
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, dict]:
-    tmp = tmp_path_factory.mktemp("export")
-    root, art, _, _ = train_tiny_student(tmp)
-    out = tmp / "onnx"
-    report = export_student(root, art, out, name="tiny", fold=0, int8=True, calibration_crops=12)
-    return root, art, out, report
+def exported(exported_student: tuple[Path, Path, Path, dict]) -> tuple[Path, Path, Path, dict]:
+    return exported_student
 
 
 def test_fp32_onnx_matches_torch_and_has_a_dynamic_batch(exported: tuple[Path, Path, Path, dict]) -> None:

@@ -384,6 +384,14 @@ def serve_cmd(
                                          "HTTP Basic password in a browser).", envvar="LESIONSTACK_TOKEN")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    model: Annotated[str, typer.Option(help="cnn: the CNN fold ensemble; student: the ONNX student (ONNX "
+                                            "Runtime); auto: the CNN when the bundle has one, else "
+                                            "ARTIFACTS/export's student.")] = "auto",
+    student_onnx: Annotated[
+        Optional[Path], typer.Option("--student-onnx", help="An `export` folder to serve the ONNX student from "  # noqa: UP045
+                                                            "(default ARTIFACTS/export); implies --model student.")
+    ] = None,
+    int8: Annotated[bool, typer.Option("--int8", help="Serve student.int8.onnx instead of the fp32 file.")] = False,
 ) -> None:
     """A local web page and JSON API (POST /api/predict) that score one lesion photo; uploads are never stored."""
     from lesionstack.inference.serve import check_host, serve
@@ -393,7 +401,11 @@ def serve_cmd(
     except ValueError as err:
         raise typer.BadParameter(str(err), param_hint="--host") from err
     typer.echo(f"loading {artifacts}; then serving http://{host}:{port}/ (API docs at /docs)")
-    serve(artifacts, host=host, port=port, token=token, device=device)
+    if student_onnx is not None and model == "cnn":
+        raise typer.BadParameter("--student-onnx serves the ONNX student; drop --model cnn", param_hint="--model")
+    model = "student" if student_onnx is not None else model
+    serve(artifacts, host=host, port=port, token=token, device=device, model=model, student_dir=student_onnx,
+          int8=int8)
 
 
 @app.command("score")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import io
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -135,10 +136,12 @@ class Reference:
     malignant: np.ndarray  # sorted
 
     @classmethod
-    def load(cls, artifacts: ArtifactPaths) -> Reference | None:
-        if not (artifacts.oof_cnn.is_file() and artifacts.folds.is_file()):
+    def load(cls, artifacts: ArtifactPaths, oof_path: Path | None = None) -> Reference | None:
+        """From the run's oof_cnn.parquet, or `oof_path` (a served student ranks against its own OOF scores)."""
+        oof_path = oof_path or artifacts.oof_cnn
+        if not (oof_path.is_file() and artifacts.folds.is_file()):
             return None
-        oof = pd.read_parquet(artifacts.oof_cnn, columns=[ID_COLUMN, "score"])
+        oof = pd.read_parquet(oof_path, columns=[ID_COLUMN, "score"])
         labels = pd.read_csv(artifacts.folds, usecols=[ID_COLUMN, "target"], dtype={ID_COLUMN: str})
         merged = oof.merge(labels, on=ID_COLUMN).dropna(subset=["score"])
         return cls(np.sort(merged.loc[merged["target"] == 0, "score"].to_numpy()),

@@ -1,6 +1,10 @@
 """`lesionstack serve`: a local web page and JSON API that score one uploaded lesion photo and keep nothing.
 
 * Models load once, at start-up (`Analyser`); a request only decodes, scores and draws.
+* Which model scores: the bundle's CNN fold ensemble (with lesion outline, Grad-CAM and diagnosis), or the
+  exported ONNX student run by ONNX Runtime (`ServedStudent`: `lesionstack export`'s folder, by default
+  ARTIFACTS/export; no segmenter and no gradients, so no outline and no Grad-CAM). `pick_model` decides;
+  every answer names it under `model` (`scorer`: torch or onnxruntime, and the file).
 * Privacy: the request body is read into memory under a byte cap and parsed there (`upload.py`), never
   spooled to a temporary file; images and derived pictures go only into the response, never into logs;
   every response carries `Cache-Control: no-store`; the server keeps no history of requests.
@@ -21,6 +25,7 @@ import threading
 import time
 from dataclasses import asdict
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from lesionstack.files import read_json
 from lesionstack.inference.explain import (
     Reference,
     display_copy,
@@ -37,6 +43,7 @@ from lesionstack.inference.explain import (
     layer_description,
     outline,
 )
+from lesionstack.inference.export import FP32_FILE, INT8_FILE, PREPROCESS_FILE, REPORT_FILE, OnnxStudent
 from lesionstack.inference.predictor import Predictor
 from lesionstack.inference.upload import (
     SITES,
@@ -47,6 +54,7 @@ from lesionstack.inference.upload import (
     parse_metadata,
     parse_multipart,
 )
+from lesionstack.paths import ArtifactPaths
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,10 @@ METADATA_NOTE = (
     "patient's other lesions (the within-patient 'ugly duckling' normalisation); one uploaded photo has "
     "neither, and filling them in would invent data. The age, sex, site and diameter entered are checked "
     "and returned with the result, but they do not change the score.")
+STUDENT_NOTE = (
+    "Scored by the image-only student distilled from the stacker, exported to ONNX and run by ONNX Runtime (the "
+    "phone model): one fold's model, no flip TTA, no segmenter (no outline) and no Grad-CAM.")
+MODEL_CHOICES = ("auto", "cnn", "student")
 FORM_FIELDS = ("image", "age", "sex", "site", "diameter_mm")
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the small text fields
 
@@ -67,25 +79,97 @@ def load_predictor(artifacts: str | os.PathLike[str], device: str = "auto") -> P
     return Predictor.load(artifacts, device=device, progress=False)
 
 
-class Analyser:
-    """A loaded bundle and what a request needs from it. One analysis at a time (`lock`): Grad-CAM hooks
-    the shared models, and on a CPU the models already use every core."""
+class ServedStudent:
+    """An exported student (`lesionstack export`'s folder: student.onnx, preprocess.json, export.json) run by
+    ONNX Runtime on the CPU; its scores are ranked against the student's own OOF scores
+    (ARTIFACTS/distill/NAME/oof.parquet) when the bundle has them."""
 
-    def __init__(self, predictor: Predictor, limits: Limits = Limits()) -> None:
-        self.predictor, self.art, self.limits = predictor, predictor.artifacts, limits
-        self.reference = Reference.load(self.art)
-        self.gradcam_layer = layer_description(predictor.models[0])
+    def __init__(self, onnx: OnnxStudent, report: dict[str, Any], artifacts: ArtifactPaths) -> None:
+        self.onnx, self.report, self.artifacts = onnx, report, artifacts
+
+    @classmethod
+    def load(cls, artifacts: str | os.PathLike[str], directory: str | os.PathLike[str] | None = None,
+             int8: bool = False) -> ServedStudent:
+        art = ArtifactPaths(artifacts)
+        folder = Path(directory) if directory is not None else art.export_dir
+        onnx = OnnxStudent.load(folder, int8=int8)
+        report_path = folder / REPORT_FILE
+        report = read_json(report_path) if report_path.is_file() else {}
+        return cls(onnx, report, art)
+
+    @property
+    def oof_scores(self) -> Path | None:
+        name = self.report.get("student")
+        return self.artifacts.distill_file(name, "oof.parquet") if name else None
+
+    def score_crops(self, crops: list[np.ndarray]) -> np.ndarray:
+        return self.onnx.score_crops(crops)
+
+    def model_info(self) -> dict[str, Any]:
+        fold = self.report.get("fold")
+        return {"kind": "ONNX student", "scorer": "onnxruntime", "file": str(self.onnx.path),
+                "precision": "int8" if self.onnx.path.name == INT8_FILE else "fp32",
+                "student": self.report.get("student"), "classifier": self.report.get("classifier"),
+                "n_models": 1, "folds": [] if fold is None else [int(fold)], "image_size": self.onnx.image_size,
+                "device": "cpu (ONNX Runtime)", "has_stacker": False, "note": STUDENT_NOTE}
+
+
+def has_student(artifacts: str | os.PathLike[str]) -> bool:
+    """Whether the bundle ships an exported ONNX student in ARTIFACTS/export."""
+    folder = ArtifactPaths(artifacts).export_dir
+    return (folder / FP32_FILE).is_file() and (folder / PREPROCESS_FILE).is_file()
+
+
+def pick_model(artifacts: str | os.PathLike[str], model: str = "auto", student_dir: str | os.PathLike[str] | None = None
+               ) -> str:
+    """"cnn" or "student". auto: the CNN fold ensemble when the bundle has one (the stronger model, with
+    outline and Grad-CAM), else the ONNX student in ARTIFACTS/export (or `student_dir`) when there is one."""
+    if model not in MODEL_CHOICES:
+        raise ValueError(f"--model must be one of {MODEL_CHOICES}, got {model!r}")
+    if model != "auto":
+        return model
+    art = ArtifactPaths(artifacts)
+    if any(art.cnn_dir.glob("fold_*/DONE")):
+        return "cnn"
+    if student_dir is not None or has_student(art.root):
+        return "student"
+    return "cnn"  # Predictor.load says what is missing
+
+
+class Analyser:
+    """A loaded bundle and what a request needs from it: the CNN fold ensemble (`predictor`) or the ONNX
+    student (`student`). One analysis at a time (`lock`): Grad-CAM hooks the shared models, and on a CPU the
+    models already use every core."""
+
+    def __init__(self, predictor: Predictor | None, limits: Limits = Limits(),
+                 student: ServedStudent | None = None) -> None:
+        if (predictor is None) == (student is None):
+            raise ValueError("Analyser needs exactly one of a CNN predictor and an ONNX student")
+        self.predictor, self.student, self.limits = predictor, student, limits
+        if student is not None:
+            self.art = student.artifacts
+            self.reference = Reference.load(self.art, student.oof_scores) if student.oof_scores else None
+            self.gradcam_layer = None
+        else:
+            assert predictor is not None
+            self.art = predictor.artifacts
+            self.reference = Reference.load(self.art)
+            self.gradcam_layer = layer_description(predictor.models[0])
         self.lock = threading.Lock()
 
     @property
     def has_diagnosis(self) -> bool:
-        return bool(getattr(self.predictor, "has_diagnosis", False))
+        return self.predictor is not None and bool(getattr(self.predictor, "has_diagnosis", False))
 
     def model_info(self) -> dict[str, Any]:
+        info = {"metadata_used": False, "metadata_note": METADATA_NOTE}
+        if self.student is not None:
+            return {**self.student.model_info(), **info}
         p = self.predictor
-        return {"kind": getattr(p, "kind", "fold ensemble"), "n_models": len(p.models),
+        assert p is not None
+        return {"kind": getattr(p, "kind", "fold ensemble"), "scorer": "torch", "n_models": len(p.models),
                 "folds": [int(k) for k in p.folds], "image_size": int(p.image_size), "device": str(p.device),
-                "has_stacker": bool(p.has_stacker), "metadata_used": False, "metadata_note": METADATA_NOTE}
+                "has_stacker": bool(p.has_stacker), **info}
 
     def health(self) -> dict[str, Any]:
         ref = self.reference
@@ -96,12 +180,17 @@ class Analyser:
 
     def analyse(self, image: DecodedImage, metadata: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
-        p, crop = self.predictor, image.rgb
+        crop = image.rgb
         with self.lock:
-            probability = float(p.score_crops([crop])[0])
-            masks = p.masks([crop])
-            cam = gradcam(p.models, p.preprocess([crop]))
-            diagnosis = self._diagnose(crop)
+            if self.student is not None:
+                probability, masks, cam, diagnosis = float(self.student.score_crops([crop])[0]), None, None, None
+            else:
+                p = self.predictor
+                assert p is not None
+                probability = float(p.score_crops([crop])[0])
+                masks = p.masks([crop])
+                cam = gradcam(p.models, p.preprocess([crop]))
+                diagnosis = self._diagnose(crop)
         photo = display_copy(crop)
         rank = None if self.reference is None else _finite(self.reference.rank(probability))
         return {
@@ -124,6 +213,7 @@ class Analyser:
         if not self.has_diagnosis:
             return None
         p = self.predictor
+        assert p is not None
         probs = np.asarray(p.diagnose([crop]))[0]
         pairs = sorted(zip(p.diagnosis_classes, probs.tolist()), key=lambda kv: -kv[1])
         return [{"name": str(name), "probability": float(prob)} for name, prob in pairs]
@@ -265,15 +355,24 @@ def create_app(analyser: Analyser, token: str | None = None) -> FastAPI:
     return app
 
 
+def load_analyser(artifacts: str | os.PathLike[str], model: str = "auto", student_dir: str | os.PathLike[str] | None
+                  = None, int8: bool = False, device: str = "auto", limits: Limits = Limits()) -> Analyser:
+    """The model `pick_model` chooses, loaded once: the CNN fold ensemble, or the ONNX student."""
+    if pick_model(artifacts, model, student_dir) == "student":
+        return Analyser(None, limits, student=ServedStudent.load(artifacts, student_dir, int8=int8))
+    return Analyser(load_predictor(artifacts, device=device), limits)
+
+
 def serve(artifacts: str | os.PathLike[str], host: str = "127.0.0.1", port: int = 8000, token: str | None = None,
-          device: str = "auto", limits: Limits = Limits()) -> None:
+          device: str = "auto", limits: Limits = Limits(), model: str = "auto",
+          student_dir: str | os.PathLike[str] | None = None, int8: bool = False) -> None:
     """Load the bundle once, then serve until interrupted."""
     import uvicorn
 
     check_host(host, token)
     if not logging.getLogger().handlers:  # one line per request: size and time, never pixels
         logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    analyser = Analyser(load_predictor(artifacts, device=device), limits)
+    analyser = load_analyser(artifacts, model, student_dir, int8, device, limits)
     log.info("loaded %s: %s", artifacts, analyser.model_info()["kind"])
     uvicorn.run(create_app(analyser, token), host=host, port=port, log_level="info")
 
