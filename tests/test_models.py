@@ -154,6 +154,22 @@ def test_model_config_rejects_unknown_gate() -> None:
         ModelConfig(gate="maybe")
 
 
+def test_small_head_init_starts_a_mobilenet_near_logit_zero() -> None:
+    """timm's TF-style init draws a one-logit MobileNet head U(-1, 1): huge first logits; `small` redraws it."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 64, 64)
+    logits = {}
+    for init in ("timm", "small"):
+        model = build_model(ModelConfig(classifier="mobilenetv3_small_050", gate="none", head_init=init)).train()
+        head = model.classifier.get_classifier()
+        logits[init] = model(x).detach()
+        if init == "small":
+            assert head.weight.std() < 0.02 and not head.bias.any()
+    assert logits["timm"].std() > 10 * logits["small"].std()
+    with pytest.raises(ValueError, match="head_init"):
+        ModelConfig(head_init="zeros")
+
+
 def test_local_timm_weights_load_exactly(tmp_path) -> None:
     timm = import_timm()
     torch.manual_seed(123)

@@ -7,11 +7,14 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 from lesionstack.models.classifier import build_classifier
 from lesionstack.models.gated import GATES, GatedClassifier
 from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, segmenter_decoder_channels
+
+HEAD_INITS = ("timm", "small")
 
 
 @dataclass
@@ -29,6 +32,10 @@ class ModelConfig:
         beside it) or a local timm weights file for the segmenter's encoder. Set it with `with_segmenter`.
     segmenter_decoder_channels: the U-Net decoder's widths; None means the default (or the checkpoint's).
         `with_segmenter` copies a checkpoint's, so a fold model rebuilds without the segmenter file.
+    head_init: "timm" keeps timm's init of the output layer; "small" redraws it N(0, 0.01), bias 0, so every
+        model starts at logits near 0. timm's TensorFlow-style init of MobileNet/EfficientNet scales the output
+        Linear by 1/sqrt(its fan-out), which for one logit is U(-1, 1) over ~1,000 features: at random init
+        mobilenetv3_small_100 starts at logits of std ~3 (mobilenetv4_conv_small ~11) and train losses > 1.
     """
 
     classifier: str = "resnet18"
@@ -40,8 +47,11 @@ class ModelConfig:
     drop_rate: float = 0.0
     drop_path_rate: float | None = None
     segmenter_decoder_channels: tuple[int, ...] | None = None
+    head_init: str = "timm"
 
     def __post_init__(self) -> None:
+        if self.head_init not in HEAD_INITS:
+            raise ValueError(f"model.head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
         if self.gate not in GATES:
             raise ValueError(f"model.gate must be one of {GATES}, got {self.gate!r}")
         if self.segmenter_lr_scale < 0:
@@ -73,7 +83,21 @@ def build_model(cfg: ModelConfig, num_classes: int = 1) -> GatedClassifier:
         drop_path_rate=cfg.drop_path_rate,
         num_classes=num_classes,
     )
+    if cfg.head_init == "small":
+        small_head(classifier)
     return GatedClassifier(classifier, segmenter, cfg.gate, cfg.segmenter_lr_scale)
+
+
+@torch.no_grad()
+def small_head(classifier: nn.Module, std: float = 0.01) -> None:
+    """Redraw the timm model's output layer N(0, std), bias 0 (see ModelConfig.head_init)."""
+    head = classifier.get_classifier() if hasattr(classifier, "get_classifier") else None
+    if not isinstance(head, (nn.Linear, nn.Conv2d)):
+        raise ValueError(f"model.head_init small: {type(classifier).__name__} has no Linear/Conv output layer "
+                         f"(get_classifier() gave {type(head).__name__})")
+    nn.init.normal_(head.weight, 0.0, std)
+    if head.bias is not None:
+        nn.init.zeros_(head.bias)
 
 
 def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
