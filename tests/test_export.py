@@ -22,6 +22,7 @@ from lesionstack.inference.export import (
     OnnxStudent,
     preprocess,
     preprocess_spec,
+    quantize_int8,
 )
 from lesionstack.train.distill import load_student
 
@@ -53,6 +54,19 @@ def test_int8_is_smaller_and_as_accurate(exported: tuple[Path, Path, Path, dict]
     ops = {n.op_type for n in onnx.load(str(out / INT8_FILE)).graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # static QDQ
     assert report["int8"]["bytes"] < report["fp32"]["bytes"]
+
+
+def test_the_u8s8_recipe_quantises_activations_unsigned(exported: tuple[Path, Path, Path, dict], tmp_path) -> None:
+    root, art, out, _ = exported
+    folds = read_folds(Path(art) / "folds.csv")
+    ds = CropDataset(root / "train-image.hdf5", folds["isic_id"][:8], None, 32)
+    calibration = preprocess([ds.load(i) for i in range(8)], preprocess_spec(32))
+    model = onnx.load(str(quantize_int8(out / FP32_FILE, tmp_path / "u8.onnx", calibration, "u8s8")))
+    zero_points = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
+    kinds = set(zero_points.values())
+    assert onnx.TensorProto.UINT8 in kinds and onnx.TensorProto.INT8 in kinds  # u8 activations, s8 weights
+    with pytest.raises(ValueError, match="recipe"):
+        quantize_int8(out / FP32_FILE, tmp_path / "x.onnx", calibration, "u8u8")
 
 
 def test_preprocessing_json_reproduces_the_training_input(exported: tuple[Path, Path, Path, dict]) -> None:

@@ -511,6 +511,8 @@ def export_cmd(
         Optional[Path], typer.Option(help="Data folder (default: the run's source.json).")  # noqa: UP045
     ] = None,
     calibration_crops: Annotated[int, typer.Option(help="Training crops that calibrate the int8 model.")] = 300,
+    int8_recipe: Annotated[str, typer.Option(help="s8s8: signed int8 activations (fast on phones and VNNI CPUs); "
+                                                  "u8s8: unsigned (fast on AVX2-only x86).")] = "s8s8",
 ) -> None:
     """Export a distilled student to ONNX (fp32, optional int8) with its preprocessing; check parity and pAUC."""
     from lesionstack.inference.export import export_student
@@ -518,7 +520,7 @@ def export_cmd(
 
     out = out or ArtifactPaths(artifacts_dir).export_dir
     r = export_student(_run_data_dir(artifacts_dir, data), artifacts_dir, out, name=student, fold=fold, int8=int8,
-                       calibration_crops=calibration_crops)
+                       calibration_crops=calibration_crops, int8_recipe=int8_recipe)
     typer.echo(f"{r['student']} fold {fold} ({r['classifier']}, {r['image_size']} px) via the "
                f"{r['export']['exporter']} exporter, opset {r['export']['opset']}")
     typer.echo(f"  torch pAUC {r['torch']['pauc']:.4f} on {r['n_val']} validation crops (no TTA)")
@@ -527,7 +529,7 @@ def export_cmd(
                f"{r['fp32']['bytes'] / 1e6:.2f} MB")
     if int8:
         typer.echo(f"  int8  pAUC {r['int8']['pauc']:.4f} ({r['int8']['pauc_minus_fp32']:+.4f} vs fp32), "
-                   f"{r['int8']['bytes'] / 1e6:.2f} MB")
+                   f"{r['int8']['bytes'] / 1e6:.2f} MB, {int8_recipe}")
     typer.echo(f"-> {out}")
 
 

@@ -220,20 +220,27 @@ class CropReader:
         pass
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray) -> Path:
-    """Static QDQ int8 quantisation, per channel, MinMax calibration, signed int8 activations and weights
-    (S8S8, ONNX Runtime's default). Measured on the demo student (README): S8S8 kept the pAUC within 0.005
-    of fp32, U8S8 lost 0.012 (0.028 with reduce_range); but S8S8 has fast kernels only on CPUs with VNNI
-    (ARM phones have the dot-product instructions): on the AVX2-only development box it ran 63-79 ms per
-    crop against 0.74 ms for U8S8 and ~1 ms for fp32."""
+# int8 recipes: activation type of the QDQ model (weights are always signed int8, per channel). S8S8 is ONNX
+# Runtime's default and what phones (ARMv8.2 dot-product) and VNNI CPUs run fast; U8S8 is what x86 CPUs
+# without VNNI (AVX2 only, like the development box) run fast, at some risk of accuracy (README, Export).
+INT8_RECIPES = ("s8s8", "u8s8")
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, recipe: str = "s8s8") -> Path:
+    """Static QDQ int8 quantisation, per-channel weights, MinMax calibration; `recipe` s8s8 (signed int8
+    activations, the default) or u8s8 (unsigned activations). See the README's Export section for what each
+    costs on which CPU: S8S8 kernels are fast only with VNNI or ARM dot-product instructions."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
+    if recipe not in INT8_RECIPES:
+        raise ValueError(f"int8 recipe must be one of {INT8_RECIPES}, got {recipe!r}")
+    activations = QuantType.QInt8 if recipe == "s8s8" else QuantType.QUInt8
     prepared = out.with_name(out.stem + ".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
         quantize_static(str(prepared), str(out), CropReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        per_channel=True, activation_type=activations, weight_type=QuantType.QInt8,
                         calibrate_method=CalibrationMethod.MinMax)
     finally:
         prepared.unlink(missing_ok=True)
@@ -247,7 +254,7 @@ def load_crops(dataset: Any, indices: Sequence[int]) -> list[np.ndarray]:
 
 def export_student(data_dir: str | os.PathLike[str], artifacts: str | os.PathLike[str], out: str | os.PathLike[str],
                    name: str | None = None, fold: int = 0, int8: bool = False, calibration_crops: int = 300,
-                   seed: int = 0) -> dict[str, Any]:
+                   seed: int = 0, int8_recipe: str = "s8s8") -> dict[str, Any]:
     """Export student NAME's fold model to OUT; check it; returns (and writes) export.json."""
     import torch
 
@@ -283,7 +290,7 @@ def export_student(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
         raise ExportError(f"{out / FP32_FILE}: max |logit diff| vs torch {report['fp32']['max_abs_diff_vs_torch']:.2e}"
                           f" on the validation crops of fold {fold} (tolerance {PARITY_TOL})")
     if int8:
-        report["int8"] = _int8(out, spec, x_val, y, train, images, size, calibration_crops, seed)
+        report["int8"] = _int8(out, spec, x_val, y, train, images, size, calibration_crops, seed, int8_recipe)
         report["int8"]["pauc_minus_fp32"] = diff = report["int8"]["pauc"] - report["fp32"]["pauc"]
         report["int8"]["within_tolerance"] = abs(diff) <= INT8_PAUC_TOL
         if not report["int8"]["within_tolerance"]:
@@ -295,7 +302,7 @@ def export_student(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
 
 
 def _int8(out: Path, spec: dict[str, Any], x_val: np.ndarray, y: np.ndarray, train: Any, images: Path,
-          image_size: int, n_calib: int, seed: int) -> dict[str, Any]:
+          image_size: int, n_calib: int, seed: int, recipe: str = "s8s8") -> dict[str, Any]:
     """Quantise with crops of the training rows (never the validation fold it is checked on)."""
     from lesionstack.data.dataset import CropDataset
     from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
@@ -303,11 +310,12 @@ def _int8(out: Path, spec: dict[str, Any], x_val: np.ndarray, y: np.ndarray, tra
 
     ds = CropDataset(images, train[ID_COLUMN], train[TARGET_COLUMN], image_size)
     pick = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(n_calib, len(ds)), replace=False))
-    quantize_int8(out / FP32_FILE, out / INT8_FILE, preprocess(load_crops(ds, pick), spec))
+    quantize_int8(out / FP32_FILE, out / INT8_FILE, preprocess(load_crops(ds, pick), spec), recipe)
     logits = OnnxStudent(session(out / INT8_FILE, 1), spec, out / INT8_FILE).logits(x_val)
     return {"pauc": pauc(y, logits), "bytes": (out / INT8_FILE).stat().st_size, "calibration_crops": len(pick),
             "calibration_rows": "training folds of the exported fold",
-            "format": "QDQ, per channel, int8 activations and weights"}
+            "recipe": recipe, "format": f"QDQ, per-channel int8 weights, {'u' if recipe == 'u8s8' else ''}int8 "
+                                        "activations"}
 
 
 def only_student(artifacts: Path) -> str:
