@@ -189,12 +189,21 @@ def test_report_shows_the_students_beside_the_teacher(trained: tuple[Path, Path,
     art = ArtifactPaths(art_root)
     write_json(art.cv_json, {"models": {"blend": {"pauc_oof": 0.15, "pauc_mean": 0.15, "pauc_std": 0.01}}})
     rows = {r["model"]: r for r in comparison(art_root)}
-    assert rows["student tiny (alpha 0.5)"]["oof_pauc"] == pytest.approx(summary["oof_pauc"])
+    assert rows["student tiny, distilled (alpha 0.5, T 2.0)"]["oof_pauc"] == pytest.approx(summary["oof_pauc"])
     assert rows["stacker blend"]["oof_pauc"] == 0.15
     write_json(art.robustness_file("tiny.json"), {"model": "tiny", "clean": {"oof_pauc": 0.1},
                                                    "degraded": {"oof_pauc": 0.08}})
     inputs = ReportInputs(paths=art, cv={}, oof=pd.DataFrame(), data_dir=None, notes=[])
     page = _distill_section(inputs, None, tmp_path)  # type: ignore[arg-type]
-    assert "student tiny (alpha 0.5)" in page and "stacker blend" in page and "-0.0200" in page
+    assert "student tiny, distilled (alpha 0.5, T 2.0)" in page and "stacker blend" in page and "-0.0200" in page
+    assert "Exported phone model" not in page
+    write_json(art.export_dir / "export.json", {
+        "student": "tiny", "fold": 0, "classifier": "test_resnet", "image_size": 32, "n_val": 12,
+        "torch": {"pauc": 0.05}, "fp32": {"pauc": 0.05, "bytes": 2_000_000, "max_abs_diff_vs_torch": 2e-6},
+        "int8": {"pauc": 0.047, "bytes": 600_000, "recipe": "u8s8", "pauc_minus_fp32": -0.003,
+                 "within_tolerance": True}})
+    page = _distill_section(inputs, None, tmp_path)  # type: ignore[arg-type]
+    assert "Exported phone model" in page and "ONNX int8 (U8S8)" in page and "0.0470" in page
+    assert "within the 0.005 check" in page
     empty = ReportInputs(paths=ArtifactPaths(tmp_path / "none"), cv={}, oof=pd.DataFrame(), data_dir=None, notes=[])
     assert _distill_section(empty, None, tmp_path) == ""  # type: ignore[arg-type]

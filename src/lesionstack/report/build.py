@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -320,4 +321,25 @@ def _distill_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
                  fmt(r["degraded"]["oof_pauc"] - r["clean"]["oof_pauc"])] for r in robust]
         parts += ["<h3>Phone-quality crops (lesionstack phone-eval)</h3>",
                   h.table(["Model", "clean OOF pAUC", "degraded OOF pAUC", "change"], rows)]
+    export = inputs.paths.export_dir / "export.json"
+    if export.is_file():
+        parts += _export_part(read_json(export), fmt)
     return h.section("8. Distilled image-only students", *parts)
+
+
+def _export_part(report: dict[str, Any], fmt: Any) -> list[str]:
+    """The exported phone model (lesionstack export): pAUC and size of torch, ONNX fp32 and ONNX int8."""
+    mb = lambda b: "-" if b is None else f"{b / 1e6:.2f}"  # noqa: E731
+    rows = [["torch fp32", fmt(report["torch"]["pauc"]), "-"],
+            ["ONNX fp32", fmt(report["fp32"]["pauc"]), mb(report["fp32"]["bytes"])]]
+    int8 = report.get("int8")
+    if int8:
+        rows.append([f"ONNX int8 ({int8.get('recipe', 's8s8').upper()})", fmt(int8["pauc"]), mb(int8["bytes"])])
+    note = (f"Student {report['student']}, fold {report['fold']} ({report['classifier']}, {report['image_size']} px), "
+            f"scored without TTA on the fold's {report['n_val']} validation crops. ONNX fp32 vs torch: max |logit "
+            f"difference| {report['fp32']['max_abs_diff_vs_torch']:.1e}.")
+    if int8:
+        note += (f" int8 vs fp32 pAUC {int8['pauc_minus_fp32']:+.4f} "
+                 f"({'within' if int8['within_tolerance'] else 'outside'} the 0.005 check).")
+    return ["<h3>Exported phone model (lesionstack export)</h3>",
+            h.table(["Model", "pAUC (fold val)", "file MB"], rows), h.paragraph(note)]

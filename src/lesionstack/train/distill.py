@@ -371,7 +371,9 @@ def comparison(artifacts: str | os.PathLike[str]) -> list[dict[str, Any]]:
     """The distillation table: every finished student, the nested teachers, and from cv.json the stacker's
     blend, its tabular variant and the CNN. Rows: model, what it sees, OOF pAUC, fold mean and std."""
     art = ArtifactPaths(artifacts)
-    rows = [{"model": f"student {name} (alpha {m['alpha']})", "sees": f"image ({m['student']}, {m['image_size']} px)",
+    rows = [{"model": f"student {name}, " + ("labels alone" if m["alpha"] >= 1 else
+                                             f"distilled (alpha {m['alpha']}, T {m['temperature']})"),
+             "sees": f"image ({m['student']}, {m['image_size']} px)",
              "oof_pauc": m["oof_pauc"], "mean": m["fold_pauc_mean"], "std": m["fold_pauc_std"]}
             for name, m in read_student_metrics(art.root).items()]
     for name, m in read_student_metrics(art.root).items():
