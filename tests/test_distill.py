@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from _cnn_data import make_cnn_data
 from _student import tiny_student, train_tiny_student
-from lesionstack.config import ConfigError
+from lesionstack.config import ConfigError, save_config
 from lesionstack.folds import read_folds
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
@@ -31,6 +31,7 @@ from lesionstack.train.distill import (
     nested_scores,
     platt,
     teacher_from_file,
+    teacher_scores,
 )
 
 # ---- the loss -----------------------------------------------------------------------------------------
@@ -115,6 +116,18 @@ def test_nested_teacher_leaves_out_cnn_scores_and_learns_from_the_features() -> 
     np.testing.assert_array_equal(scores, nested_scores(feats, folds, TINY_STACK, 0))
     y = folds.loc[folds["fold"] != 0, "target"].to_numpy()
     assert scores[y == 1].mean() > scores[y == 0].mean() + 0.2  # f0 carries the label
+
+
+def test_nested_teacher_from_a_runs_artifacts(tmp_path: Path) -> None:
+    """teacher_scores reads the run's feature table and stack config (the path `distill` takes)."""
+    folds, feats = tabular_data()
+    art = ArtifactPaths(tmp_path / "art")
+    art.features_train.parent.mkdir(parents=True)
+    feats.to_parquet(art.features_train)
+    stack_yaml = tmp_path / "stack.yaml"
+    save_config(TINY_STACK, stack_yaml)
+    scores = teacher_scores(TeacherConfig(stack_config=str(stack_yaml)), art, folds, 2)
+    np.testing.assert_allclose(scores, nested_scores(feats, folds, TINY_STACK, 2))
 
 
 def test_plain_oof_teacher_is_refused_and_per_fold_scores_accepted(tmp_path: Path) -> None:

@@ -64,6 +64,7 @@ from lesionstack.tabular.stack import (
     blend,
     estimator,
     fit_blend_weights,
+    tuning_inputs,
 )
 from lesionstack.train.cnn import CNNConfig, LossFn, check_oof, train_fold
 
@@ -223,7 +224,7 @@ def teacher_scores(cfg: TeacherConfig, art: ArtifactPaths, folds: pd.DataFrame, 
     if not art.features_train.is_file():
         raise ConfigError(f"teacher.source nested needs the feature table {art.features_train}; run features")
     features = align_features(pd.read_parquet(art.features_train), folds, str(art.features_train))
-    return nested_scores(features, folds, nested_stack_config(cfg, art), k)
+    return nested_scores(features, folds, nested_stack_config(cfg, art, tuning_inputs(features, folds)), k)
 
 
 def nested_stack_path(cfg: TeacherConfig, art: ArtifactPaths) -> Path | None:
@@ -233,9 +234,10 @@ def nested_stack_path(cfg: TeacherConfig, art: ArtifactPaths) -> Path | None:
     return art.stack_fold(0).config if art.stack_fold(0).config.is_file() else None
 
 
-def nested_stack_config(cfg: TeacherConfig, art: ArtifactPaths) -> StackConfig:
-    """The stack config the teacher refits, with the run's tuned params when that config uses them."""
-    stack_cfg, _ = apply_tuned_params(load_config(StackConfig, nested_stack_path(cfg, art)), art)
+def nested_stack_config(cfg: TeacherConfig, art: ArtifactPaths, tuning: dict[str, str]) -> StackConfig:
+    """The stack config the teacher refits, with the run's tuned params when that config uses them (and the
+    study was run on these features and folds: `tuning`, from `tuning_inputs`)."""
+    stack_cfg, _ = apply_tuned_params(load_config(StackConfig, nested_stack_path(cfg, art)), art, tuning)
     return stack_cfg
 
 
