@@ -67,7 +67,7 @@ METADATA_NOTE = (
     "neither, and filling them in would invent data. The age, sex, site and diameter entered are checked "
     "and returned with the result, but they do not change the score.")
 STUDENT_NOTE = (
-    "Scored by the image-only student distilled from the stacker, exported to ONNX and run by ONNX Runtime (the "
+    "Scored by the image-only phone student (lesionstack distill), exported to ONNX and run by ONNX Runtime (the "
     "phone model): one fold's model, no flip TTA, no segmenter (no outline) and no Grad-CAM.")
 MODEL_CHOICES = ("auto", "cnn", "student")
 FORM_FIELDS = ("image", "age", "sex", "site", "diameter_mm")
