@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,6 +103,37 @@ def test_two_folds_at_once_in_their_own_processes_train_exactly_as_one_after_the
         for key, value in load_weights(alone.safetensors).items():
             assert torch.equal(value, load_weights(side_by_side.safetensors)[key]), (k, key)
     assert summary["oof_pauc"] == pytest.approx(train_cnn(root, root / "folds.csv", cfg, out)["oof_pauc"])
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from /proc")
+def test_fold_processes_stop_when_the_run_that_started_them_is_killed(tmp_path: Path) -> None:
+    """A killed `train-cnn` must not leave fold processes writing checkpoints that a resumed run also writes."""
+    root = make_cnn_data(tmp_path / "data")
+    code = ("import dataclasses, sys; sys.path.insert(0, sys.argv[1]); from test_train_cnn import tiny_config; "
+            "from lesionstack.train.cnn import train_cnn; "
+            "train_cnn(sys.argv[2], sys.argv[2] + '/folds.csv', tiny_config(epochs=500, fold_workers=2), sys.argv[3])")
+    run = subprocess.Popen([sys.executable, "-c", code, str(Path(__file__).parent), str(root), str(tmp_path / "art")],
+                           env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        children = _wait_for_fold_processes(run.pid, 2)
+    finally:
+        run.kill()
+        run.wait()
+    deadline = time.monotonic() + 120  # a process still importing torch notices once it is up
+    while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
+
+
+def _wait_for_fold_processes(pid: int, n: int, timeout: float = 120) -> list[int]:
+    """The pids of `pid`'s children once there are `n` (fold processes, starting or training)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        if len(children) >= n:
+            return [int(c) for c in children]
+        time.sleep(0.2)
+    raise AssertionError(f"{n} fold processes did not start in {timeout} s")
 
 
 def test_check_oof_catches_a_broken_contract(trained: tuple[Path, Path, CNNConfig]) -> None:

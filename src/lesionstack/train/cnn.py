@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import random
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -634,7 +635,8 @@ def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg:
                                     on_epoch_end, inputs=inputs) for k in todo}
     log.info("training folds %s, %d at a time (a process each, %d torch thread(s) each)", list(todo), workers,
              max(cfg.cpu_threads, 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         jobs = {pool.submit(_fold_or_name_it, k, folds_path, _train_fold_in_process, k, folds, images.path, cfg,
                             art.cnn_fold(k), inputs): k for k in todo}
         done = {jobs[job]: job.result() for job in rt.bar(as_completed(jobs), "CNN folds", total=len(jobs))}
@@ -662,6 +664,21 @@ def _train_fold_in_process(fold: int, folds: pd.DataFrame, images: Path, cfg: CN
     # no per-batch bars: two processes' bars would overwrite each other; each epoch logs a line instead
     rt = Runtime(RunSettings.pick(cfg, progress=False), torch.device("cpu"), None, DistContext())
     return train_fold(fold, folds, H5Images(images), cfg, files, rt, inputs=inputs)
+
+
+def _exit_with_parent(parent: int, poll_s: float = 1.0) -> None:
+    """A fold process's initializer: stop when `parent`, the run that started it, is gone (killed, not
+    interrupted). An orphan would go on writing the fold's checkpoint while a resumed run trains the same
+    fold, or wait for work forever."""
+    if os.getppid() != parent:  # it died while this process was starting
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @dataclass(frozen=True)
