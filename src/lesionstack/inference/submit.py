@@ -86,7 +86,7 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
         images = H5Images(data.test_images)
         check_images_cover(meta, set(images.ids), data.test_metadata, images.path)
         start = time.perf_counter()
-        cnn_scores = predictor.score_hdf5(images.path, ids)
+        cnn_scores = predictor.score_hdf5(images.path, ids, per_fold=True)  # stack fold k pairs with CNN fold k
         rate = len(ids) / max(time.perf_counter() - start, 1e-9)
         failed = int(cnn_scores["score"].isna().sum())
         print(f"CNN scored {len(ids)} test crops with {len(predictor.folds)} fold models: {rate:.0f} crops/s")
