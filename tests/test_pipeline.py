@@ -160,6 +160,21 @@ def test_every_predicting_path_pairs_stack_fold_k_with_cnn_fold_k(trained, tiny_
     assert "Train vs test score scale" in art.report_html.read_text()
 
 
+
+def test_package_refuses_a_stack_whose_folds_are_not_the_cnns(trained, tmp_path):
+    from lesionstack.inference.package import package
+    from lesionstack.tabular.pairing import PairingError
+
+    out, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    record = ArtifactPaths(other).cnn_fold(1).inputs
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), folds="0" * 64)))
+    with pytest.raises(PairingError, match="different fold files"):
+        package(other, tmp_path / "bundle", ship=())
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_predict_on_the_real_public_test_set(trained, public_test_dir, tmp_path):
     from lesionstack.inference.submit import predict
 
