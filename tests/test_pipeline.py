@@ -240,7 +240,7 @@ def test_kaggle_kernel_runs_offline_on_a_fake_kaggle_input(trained, public_test_
     assert result.returncode == 0, result.stdout + result.stderr
     # the kernel imported lesionstack from the packaged wheel, not from this checkout
     assert f"from {working / 'lesionstack-site' / 'lesionstack'}" in result.stdout
-    assert "1 unreadable crop(s) scored tabular-only" in result.stdout
+    assert "1 unreadable crop(s) scored tabular-only, stack fold k on CNN fold k's scores" in result.stdout
     sub = pd.read_csv(working / "submission.csv")
     assert sub["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
     assert sub["target"].between(0, 1).all()

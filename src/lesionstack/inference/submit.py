@@ -92,7 +92,8 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
         print(f"CNN scored {len(ids)} test crops with {len(predictor.folds)} fold models: {rate:.0f} crops/s")
         summary += (f", {len(ids) - failed} CNN-scored with {len(predictor.folds)} fold models ({rate:.0f} crops/s)"
                     f", {failed} unreadable crop(s) scored "
-                    f"{'tabular-only' if predictor.has_tabular_variant else 'with the median CNN score'}")
+                    f"{'tabular-only' if predictor.has_tabular_variant else 'with the median CNN score'}"
+                    ", stack fold k on CNN fold k's scores")
     scores = predictor.predict_table(meta, cnn_scores, where=str(data.test_metadata))
     write_submission(scores, ids, out)
     for line in drift:
