@@ -128,6 +128,53 @@ def test_predict_from_artifacts_matches_the_runs_submission(trained, tiny_data, 
     assert np.allclose(again["target"], during_run["target"], atol=1e-5)
 
 
+def test_every_predicting_path_pairs_stack_fold_k_with_cnn_fold_k(trained, tiny_data):
+    """The run's predict stage and `Predictor.predict_table` (used by `predict` and the Kaggle kernel) both
+    score the test rows with stack fold k on CNN fold k's test features, not on the mean of the CNN folds."""
+    from lesionstack.data.metadata import read_metadata
+    from lesionstack.inference.predictor import Predictor
+    from lesionstack.tabular.pairing import PairingError
+    from lesionstack.tabular.stack import predict_stack
+
+    out, _ = trained
+    art = ArtifactPaths(out)
+    test, fold_cnn = pd.read_parquet(art.features_test), pd.read_parquet(art.features_test_folds)
+    run_scores = pd.read_parquet(art.test_stack)
+    paired = predict_stack(test, art, fold_cnn=fold_cnn)
+    mean = predict_stack(test, art, pairing="mean")
+    np.testing.assert_allclose(run_scores["score"], paired["score"], rtol=0, atol=1e-12)
+    cnn = pd.read_parquet(art.test_cnn)
+    assert np.abs(cnn["score_fold_0"] - cnn["score_fold_1"]).max() > 1e-3  # the two CNN folds differ ...
+    assert np.abs(mean["score"] - paired["score"]).max() > 1e-3  # ... so pairing changes the prediction
+    p = Predictor.load(out, device="cpu", progress=False)
+    meta = read_metadata(tiny_data / "test-metadata.csv", kind="test")
+    scores = p.score_hdf5(tiny_data / "test-image.hdf5", meta["isic_id"], per_fold=True)
+    table = p.predict_table(meta, scores)
+    np.testing.assert_allclose(table["score"], paired["score"], rtol=0, atol=1e-5)
+    with pytest.raises(PairingError, match="no per-fold CNN scores"):
+        p.predict_table(meta, scores[["isic_id", "score"]])
+    # the measured comparison: written by the predict stage, shown in the report
+    shift = json.loads(art.score_shift.read_text())
+    assert set(shift["features"]) == {c for c in test.columns if c.startswith("cnn_")}
+    assert shift["features"]["cnn_score"]["test_paired"]["n"] == 2 * len(test)
+    assert "Train vs test score scale" in art.report_html.read_text()
+
+
+
+def test_package_refuses_a_stack_whose_folds_are_not_the_cnns(trained, tmp_path):
+    from lesionstack.inference.package import package
+    from lesionstack.tabular.pairing import PairingError
+
+    out, _ = trained
+    other = tmp_path / "other"
+    shutil.copytree(out, other)
+    record = ArtifactPaths(other).cnn_fold(1).inputs
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), folds="0" * 64)))
+    with pytest.raises(PairingError, match="different fold files"):
+        package(other, tmp_path / "bundle", ship=())
+    assert not (tmp_path / "bundle").exists()
+
+
 def test_predict_on_the_real_public_test_set(trained, public_test_dir, tmp_path):
     from lesionstack.inference.submit import predict
 
@@ -193,7 +240,7 @@ def test_kaggle_kernel_runs_offline_on_a_fake_kaggle_input(trained, public_test_
     assert result.returncode == 0, result.stdout + result.stderr
     # the kernel imported lesionstack from the packaged wheel, not from this checkout
     assert f"from {working / 'lesionstack-site' / 'lesionstack'}" in result.stdout
-    assert "1 unreadable crop(s) scored tabular-only" in result.stdout
+    assert "1 unreadable crop(s) scored tabular-only, stack fold k on CNN fold k's scores" in result.stdout
     sub = pd.read_csv(working / "submission.csv")
     assert sub["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
     assert sub["target"].between(0, 1).all()

@@ -58,6 +58,30 @@ def test_scores_equal_trainings_oof_and_test_scores(trained: tuple[Path, Path, C
     per_fold = [sigmoid(predict_logits(model, dataset, rt)) for model in models]
     np.testing.assert_allclose(test["score"], np.mean(per_fold, axis=0), rtol=0, atol=1e-6)
     assert len(folds) == len(oof)
+    # test_cnn.parquet also holds each fold model's score (the stacker pairs stack fold k with CNN fold k)
+    assert list(written.columns) == ["isic_id", "score", "score_fold_0", "score_fold_1"]
+    for k in (0, 1):
+        np.testing.assert_allclose(written[f"score_fold_{k}"], per_fold[k], rtol=0, atol=1e-6)
+
+
+def test_per_fold_scores_average_to_the_mean_score(trained: tuple[Path, Path, CNNConfig]) -> None:
+    root, out, cfg = trained
+    p = Predictor.load(out, device="cpu", progress=False)
+    table = p.score_hdf5(root / "test-image.hdf5", per_fold=True)
+    assert list(table.columns) == ["isic_id", "score", "score_fold_0", "score_fold_1"]
+    assert list(p.score_hdf5(root / "test-image.hdf5").columns) == ["isic_id", "score"]  # callers unchanged
+    folds = table[["score_fold_0", "score_fold_1"]].to_numpy()
+    assert np.abs(folds[:, 0] - folds[:, 1]).max() > 1e-4  # two distinct models, so pairing matters
+    np.testing.assert_allclose(folds.mean(axis=1), table["score"], rtol=0, atol=1e-12)
+    for k in (0, 1):  # each column is that fold model's own score
+        one = Predictor.load(out, device="cpu", progress=False, folds=[k]).score_hdf5(root / "test-image.hdf5")
+        np.testing.assert_allclose(table[f"score_fold_{k}"], one["score"], rtol=0, atol=1e-12)
+    dataset = CropDataset(root / "test-image.hdf5", table["isic_id"], None, cfg.image_size)
+    crops = [dataset.load(i) for i in range(len(dataset))]
+    by_fold = p.score_crops_by_fold(crops)
+    assert by_fold.shape == (6, 2) and p.score_crops_by_fold([]).shape == (0, 2)
+    np.testing.assert_allclose(by_fold.mean(axis=1), p.score_crops(crops), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(by_fold, folds, rtol=0, atol=1e-6)
 
 
 def test_each_crop_is_decoded_once_for_all_folds(trained: tuple[Path, Path, CNNConfig],

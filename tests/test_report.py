@@ -379,3 +379,23 @@ def test_wilson_interval_holds_its_estimate_at_the_extremes():
     for k in (n, np.zeros_like(n), n // 2):
         low, high = _wilson(k, n)
         assert (low <= k / n).all() and (k / n <= high).all() and (low >= 0).all() and (high <= 1).all()
+
+
+def test_the_train_vs_test_score_scale_table_shows_score_shift_json(tmp_path):
+    from lesionstack.tabular.pairing import compare
+
+    paths = make_artifacts(tmp_path, full=False)
+    rng = np.random.default_rng(0)
+    oof = rng.beta(0.5, 4, size=500)
+    cmp = compare(oof, {"test_mean": np.full(100, 0.1) + 0.01 * rng.normal(size=100),
+                        "test_paired": rng.beta(0.5, 4, size=500)})
+    write_json(paths.score_shift, {"n_test": 100, "n_folds": 2, "features": {"cnn_score": cmp},
+                                   "cnn_score_by_fold": {"0": {"ks_mean": 0.5, "ks_paired": 0.04}},
+                                   "stack_fold_probability": cmp, "stack_final_probability": cmp})
+    page = write_report(paths.root, config=FAST).read_text()
+    rows = _table_rows(page, "Train vs test score scale (test set, no labels)")
+    assert list(rows) == ["cnn_score (feature)", "stack fold probability", "stack final probability (fold mean)"]
+    assert rows["cnn_score (feature)"][2] == f"{cmp['test_mean']['ks']:.3f}"
+    assert rows["cnn_score (feature)"][4] == f"{cmp['test_paired']['ks']:.3f}"
+    assert "fold 0 0.500 → 0.040" in page
+    assert "Train vs test" not in write_report(make_artifacts(tmp_path / "b", full=False).root, config=FAST).read_text()

@@ -23,6 +23,7 @@ from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 from lesionstack.resume import Resume, ResumeError, frame_digest, guard, images_digest
 from lesionstack.runtime import load_weights
 from lesionstack.tabular.features import features_stage
+from lesionstack.tabular.pairing import PairingError
 from lesionstack.tabular.stack import StackConfig, train_stack
 from lesionstack.tabular.tune import tune
 from lesionstack.train.cnn import train_cnn
@@ -141,12 +142,21 @@ def test_features_are_rebuilt_when_metadata_values_or_cnn_scores_change(tmp_path
     ids = meta["isic_id"]
     pd.DataFrame({"isic_id": ids, "fold": 0, "score": np.linspace(0, 1, len(ids))}).to_parquet(art.oof_cnn)
     test_ids = pd.read_csv(data.test_metadata)["isic_id"]
-    pd.DataFrame({"isic_id": test_ids, "score": 0.5}).to_parquet(art.test_cnn)
+    pd.DataFrame({"isic_id": test_ids, "score": 0.5}).to_parquet(art.test_cnn)  # an older release's: the mean only
+    with pytest.raises(PairingError, match=r"test_cnn.parquet: no per-fold CNN scores .* `lesionstack train-cnn`"):
+        features_stage(data, art)
+    pd.DataFrame({"isic_id": test_ids, "score": 0.5, "score_fold_0": 0.4, "score_fold_1": 0.6}).to_parquet(art.test_cnn)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lesionstack"):
         result = features_stage(data, art)
     assert result.with_cnn and any("train_cnn_scores changed" in m for m in caplog.messages)
     assert "cnn_score" in pd.read_parquet(art.features_train).columns
+    paired = pd.read_parquet(art.features_test_folds)  # each CNN fold's test features, for stack fold k
+    assert sorted(paired["fold"].unique()) == [0, 1] and len(paired) == 2 * len(test_ids)
+    assert np.allclose(paired.groupby("fold")["cnn_score"].mean(), [0.4, 0.6])
+    # losing the paired table alone rebuilds the tables
+    art.features_test_folds.unlink()
+    assert not features_stage(data, art).reused and art.features_test_folds.is_file()
 
 
 # ---- tuning, best params, stacker folds ----------------------------------------------------------------

@@ -109,10 +109,10 @@ def test_rerun_skips_finished_folds_refuses_other_config_and_predicts(trained: t
     assert sum("reusing" in m for m in caplog.messages) == 3
     with pytest.raises(ConfigError, match="n_rounds"):
         train_stack(feats, art.folds, art, StackConfig(**{**TINY, "n_rounds": 21}), cnn_oof=cnn)
-    pred = predict_stack(feats.head(40), art)
+    pred = predict_stack(feats.head(40), art, pairing="mean")  # fold pairing: tests/test_pairing.py
     assert list(pred.columns) == ["isic_id", "score"] and len(pred) == 40 and pred["score"].between(0, 1).all()
     with pytest.raises(StackError, match="test features hold none"):
-        predict_stack(feats.head(40).drop(columns=[c for c in feats if c.startswith("cnn_")]), art)
+        predict_stack(feats.head(40).drop(columns=[c for c in feats if c.startswith("cnn_")]), art, pairing="mean")
 
 
 def test_cnn_oof_guards(tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "MetricError": ErrorKind(7, "metric", "each fold's validation set needs both classes: rebuild the folds"),
     "FeatureError": ErrorKind(8, "features", "rebuild the features with `lesionstack features`"),
     "StackError": ErrorKind(9, "stack", "rebuild the features (or the CNN scores) from the fold file named above"),
+    "PairingError": ErrorKind(9, "stack", "rescore the test crops per fold (`lesionstack train-cnn`), or retrain "
+                              "the stacker on the CNN's fold file, as named above"),
     "SubmissionError": ErrorKind(10, "submission", "check the test files and the trained artifacts named above"),
     "ReportError": ErrorKind(11, "report", "run the stage that writes the missing file, then the report"),
     "MaskDataError": ErrorKind(12, "masks", "fix the masks folder named above"),

@@ -222,6 +222,12 @@ class ArtifactPaths:
         return self.root / "features" / "test.parquet"
 
     @property
+    def features_test_folds(self) -> Path:
+        """isic_id, fold, cnn_*: the test rows' CNN features on each CNN fold model's score (stack fold k
+        predicts with fold k's: train and test CNN features then come from one model each)."""
+        return self.root / "features" / "test_folds.parquet"
+
+    @property
     def features_ranges(self) -> Path:
         """The training features' ranges and vocabularies, to flag test values the models never saw."""
         return self.root / "features" / "train_ranges.json"
@@ -268,6 +274,12 @@ class ArtifactPaths:
     @property
     def cv_json(self) -> Path:
         return self.root / "cv.json"
+
+    @property
+    def score_shift(self) -> Path:
+        """OOF vs test distributions of the CNN features and the stack's fold probabilities, with test
+        features from the mean of the CNN folds (before pairing) and paired by fold (`tabular.pairing`)."""
+        return self.root / "score_shift.json"
 
     # distillation: one folder per student config (train.distill)
     def distill_dir(self, name: str) -> Path:

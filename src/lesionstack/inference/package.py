@@ -266,6 +266,7 @@ def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     Kaggle image's), artifacts/, the kernel, dataset-metadata.json and bundle.json. Built beside OUT and
     renamed into place, so a failure leaves nothing."""
     from lesionstack.inference.predictor import cnn_folds
+    from lesionstack.tabular.pairing import check_fold_pairing
 
     art, out = ArtifactPaths(artifacts_dir), Path(out)
     image = read_image()
@@ -275,6 +276,8 @@ def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         raise FileNotFoundError(f"{art.root}: no trained stacker to package (run `lesionstack run` first)")
     if read_json(art.cv_json).get("with_cnn"):
         cnn_folds(art)  # raises unless every CNN fold finished
+        # the kernel pairs stack fold k with CNN fold k: refuse here, not on Kaggle, when it could not
+        check_fold_pairing(art, int(read_json(art.cv_json)["n_folds"]))
     if out.exists():
         raise FileExistsError(f"{out} exists; remove it or choose another --out")
     out.parent.mkdir(parents=True, exist_ok=True)

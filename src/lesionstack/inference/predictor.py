@@ -2,9 +2,12 @@
 
     p = Predictor.load("demo/artifacts", device="auto", progress=True)   # every fold model, loaded once
     p.score_crops([crop])                      # decoded RGB crops -> mean fold probability, with flip TTA
+    p.score_crops_by_fold([crop])              # (B, folds): each fold model's probability (same decode)
     p.score_hdf5("test-image.hdf5")            # DataFrame[isic_id, score]; each crop decoded once
+    p.score_hdf5("test-image.hdf5", per_fold=True)  # + score_fold_<k> per fold model (stacker pairing)
     p.score_files(["a.jpg", "b.png"])          # DataFrame[path, probability, error]
     p.predict_table(test_metadata, scores)     # the stacker's fold models -> DataFrame[isic_id, score]
+                                               # (stack fold k on CNN fold k's scores: `per_fold` scores)
 
 Each CNN fold's scoring settings (the `model` section, `image_size`, `tta_hflip`, `amp`, `channels_last`)
 come from the fold's saved `config.yaml`, read as a plain dict: prediction never imports training code.
@@ -46,6 +49,7 @@ from lesionstack.runtime import (
     model_logits,
     sigmoid,
 )
+from lesionstack.tabular.pairing import fold_score_column
 
 log = logging.getLogger(__name__)
 
@@ -211,8 +215,12 @@ class Predictor:
 
     def score_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """(B,) mean over the fold models of sigmoid(logit), each with its fold's flip TTA."""
+        return self.score_crops_by_fold(crops).mean(axis=1)
+
+    def score_crops_by_fold(self, crops: Sequence[np.ndarray]) -> np.ndarray:
+        """(B, n_folds): each fold model's sigmoid(logit) (columns in `folds` order), one decode per crop."""
         parts = [self._score_batch(self.preprocess(chunk)) for chunk in self._chunks(crops)]
-        return np.concatenate(parts) if parts else np.empty(0)
+        return np.concatenate(parts) if parts else np.empty((0, len(self._folds)))
 
     @torch.no_grad()
     def masks(self, crops: Sequence[np.ndarray]) -> np.ndarray | None:
@@ -231,10 +239,12 @@ class Predictor:
     # ---- files --------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def score_hdf5(self, path: str | os.PathLike[str], ids: Sequence[str] | None = None) -> pd.DataFrame:
+    def score_hdf5(self, path: str | os.PathLike[str], ids: Sequence[str] | None = None, *,
+                   per_fold: bool = False) -> pd.DataFrame:
         """DataFrame[isic_id, score] for `ids` (default: every crop in the file), in that order. Each crop
         is decoded once (in DataLoader workers) and scored by every fold model; a crop that cannot be
-        read or decoded gets NaN and a warning naming it."""
+        read or decoded gets NaN and a warning naming it. `per_fold` adds one `score_fold_<k>` column per
+        fold model (`score` is their mean): the stacker's fold k is paired with CNN fold k's score."""
         size = self._need_cnn()
         images = H5Images(path)
         ids = list(images.ids) if ids is None else [str(i) for i in ids]
@@ -251,7 +261,12 @@ class Predictor:
             if len(batch.index):
                 found_idx.append(batch.index.numpy())
                 found_scores.append(self._score_batch(self._ready(batch.images)))
-        return pd.DataFrame({ID_COLUMN: ids, "score": gather_rows(found_idx, found_scores, len(ids), self.rt.ctx)})
+        by_fold = np.column_stack([gather_rows(found_idx, [s[:, j] for s in found_scores], len(ids), self.rt.ctx)
+                                   for j in range(len(self._folds))])
+        table = pd.DataFrame({ID_COLUMN: ids, "score": by_fold.mean(axis=1)})
+        if per_fold:
+            table = table.assign(**{fold_score_column(k): by_fold[:, j] for j, k in enumerate(self.folds)})
+        return table
 
     def score_files(self, paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         """DataFrame[path, probability, error] for JPEG/PNG/... files; an unreadable file gets NaN and the
@@ -284,10 +299,13 @@ class Predictor:
 
     def predict_table(self, metadata: pd.DataFrame, cnn_scores: pd.DataFrame | None = None,
                       where: str = "test metadata") -> pd.DataFrame:
-        """DataFrame[isic_id, score] from the stacker's fold models on `metadata` (+ `cnn_scores`,
-        DataFrame[isic_id, score], when the stacker uses CNN features). Rows whose CNN score is NaN are
-        scored by the tabular-only variant; without one they get the median CNN score, with a warning."""
+        """DataFrame[isic_id, score] from the stacker's fold models on `metadata` (+ `cnn_scores` when the
+        stacker uses CNN features: `score_hdf5(..., per_fold=True)`'s table, the mean `score` and one
+        `score_fold_<k>` per CNN fold; stack fold k scores with CNN fold k's, `tabular.pairing`). Rows whose
+        CNN score is NaN are scored by the tabular-only variant; without one they get the median CNN
+        score, with a warning."""
         from lesionstack.tabular.features import build_features, fill_unscored
+        from lesionstack.tabular.pairing import fold_cnn_features, fold_score_columns
         from lesionstack.tabular.stack import predict_stack
 
         if self._cv is None:
@@ -297,19 +315,18 @@ class Predictor:
             return predict_stack(build_features(metadata, None, where=where), self.artifacts)
         if cnn_scores is None:
             raise ValueError(f"{self.artifacts.cv_json}: the stacker uses CNN scores; pass cnn_scores")
-        bad = ~np.isfinite(cnn_scores["score"].to_numpy(dtype=np.float64))
-        if not bad.any():
-            return predict_stack(build_features(metadata, cnn_scores, where=where), self.artifacts)
-        if not self.has_tabular_variant:
+        columns = ("score", *fold_score_columns(cnn_scores, f"{where}: cnn_scores").values())
+        bad = ~np.isfinite(cnn_scores[list(columns)].to_numpy(dtype=np.float64)).all(axis=1)
+        if bad.any() and not self.has_tabular_variant:
             log.warning("%s: the stacker has no tabular-only variant (train_tabular off): %d unscored crop(s) "
                         "get the median CNN score", self.artifacts.root, int(bad.sum()))
-            return predict_stack(build_features(metadata, fill_unscored(cnn_scores, where), where=where),
-                                 self.artifacts)
-        # the failed rows' own CNN features are never used; the median keeps their patients' features defined
-        median = float(np.nanmedian(cnn_scores["score"])) if (~bad).any() else 0.5
-        features = build_features(metadata, cnn_scores.assign(score=np.where(bad, median, cnn_scores["score"])),
-                                  where=where)
-        main = predict_stack(features, self.artifacts)
+        # a failed row's own CNN features are never used (tabular-only variant); the median keeps its
+        # patient's features defined
+        filled = fill_unscored(cnn_scores, where, columns)
+        features = build_features(metadata, filled[[ID_COLUMN, "score"]], where=where)
+        main = predict_stack(features, self.artifacts, fold_cnn=fold_cnn_features(metadata, filled, where))
+        if not bad.any() or not self.has_tabular_variant:
+            return main
         tabular = predict_stack(features, self.artifacts, variant="tabular")
         failed = set(cnn_scores.loc[bad, ID_COLUMN].astype(str))
         use_tab = main[ID_COLUMN].isin(failed).to_numpy()
@@ -335,11 +352,9 @@ class Predictor:
 
     @torch.no_grad()
     def _score_batch(self, x: torch.Tensor) -> np.ndarray:
-        """Mean over the fold models of sigmoid(logit) of one prepared batch (float64, as the OOF scores)."""
-        total = np.zeros(len(x))
-        for f in self._folds:
-            total += sigmoid(model_logits(f.model, x, self.rt, f.tta, f.dihedral).cpu().numpy().astype(np.float64))
-        return total / len(self._folds)
+        """(B, n_folds): each fold model's sigmoid(logit) of one prepared batch (float64, as the OOF scores)."""
+        return np.column_stack([sigmoid(model_logits(f.model, x, self.rt, f.tta, f.dihedral).cpu().numpy()
+                                        .astype(np.float64)) for f in self._folds]).reshape(len(x), len(self._folds))
 
 
 def _check_folds_agree(art: ArtifactPaths, configs: dict[int, dict[str, Any]]) -> None:

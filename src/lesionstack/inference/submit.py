@@ -86,13 +86,14 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
         images = H5Images(data.test_images)
         check_images_cover(meta, set(images.ids), data.test_metadata, images.path)
         start = time.perf_counter()
-        cnn_scores = predictor.score_hdf5(images.path, ids)
+        cnn_scores = predictor.score_hdf5(images.path, ids, per_fold=True)  # stack fold k pairs with CNN fold k
         rate = len(ids) / max(time.perf_counter() - start, 1e-9)
         failed = int(cnn_scores["score"].isna().sum())
         print(f"CNN scored {len(ids)} test crops with {len(predictor.folds)} fold models: {rate:.0f} crops/s")
         summary += (f", {len(ids) - failed} CNN-scored with {len(predictor.folds)} fold models ({rate:.0f} crops/s)"
                     f", {failed} unreadable crop(s) scored "
-                    f"{'tabular-only' if predictor.has_tabular_variant else 'with the median CNN score'}")
+                    f"{'tabular-only' if predictor.has_tabular_variant else 'with the median CNN score'}"
+                    ", stack fold k on CNN fold k's scores")
     scores = predictor.predict_table(meta, cnn_scores, where=str(data.test_metadata))
     write_submission(scores, ids, out)
     for line in drift:

@@ -138,7 +138,26 @@ def _table_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
         f"Per-fold values, mean and std are cv.json's. The interval is a percentile bootstrap of the pooled OOF "
         f"score over {first.n_resamples} resamples of whole {first.unit} (seed {cfg.seed}): a patient's lesions share "
         "a skin type and a camera, so resampling lesions would understate the uncertainty."))
-    return h.section("2. Cross-validation", *parts)
+    return h.section("2. Cross-validation", *parts, *_shift_part(inputs))
+
+
+def _shift_part(inputs: ReportInputs) -> list[str]:
+    """OOF vs test score distributions, before and after fold pairing (score_shift.json of the predict stage)."""
+    from lesionstack.tabular.pairing import SHIFT_HEADER, shift_rows
+
+    if not inputs.paths.score_shift.is_file():
+        return []
+    shift = read_json(inputs.paths.score_shift)
+    by_fold = ", ".join(f"fold {k} {v['ks_mean']:.3f} → {v['ks_paired']:.3f}"
+                        for k, v in shift["cnn_score_by_fold"].items())
+    return ["<h3>Train vs test score scale (test set, no labels)</h3>", h.table(SHIFT_HEADER, shift_rows(shift)),
+            h.paragraph(
+                f"OOF scores come from one fold model each. The test set's {shift['n_test']} lesions, scored with the "
+                "mean of the CNN fold models' scores (before) and with stack fold k on CNN fold k's scores (paired, "
+                "as predict does), pooled over folds. KS: the two-sample Kolmogorov-Smirnov statistic against the "
+                f"OOF (0 = same distribution). CNN fold k's own OOF scores against its test scores, KS mean → "
+                f"paired: {by_fold}. The stack's final test probability is averaged over its folds, so it is "
+                "narrower than the OOF either way; the submission ranks it.")]
 
 
 def _metric_row(model: str, entry: dict, ci: stats.BootstrapCI, key: str) -> list[str]:

@@ -268,19 +268,43 @@ def build_features(
     (isic_id, score) must score every row exactly once. Numeric features are float32, categorical codes
     (`cat_*`) int16; the columns and their order depend only on whether CNN scores are given.
     """
-    df = metadata if isinstance(metadata, pl.DataFrame) else pl.from_pandas(metadata)
+    df = _polars(metadata)
     df = df.select([c for c in schema.TEST_COLUMNS if c in df.columns])  # training-only columns never pass
     _check_columns(df, where)
     df = _numeric(df, where).with_columns(_c(schema.PATIENT_COLUMN).cast(pl.String))
     out = _tabular_frame(df)
     if cnn_scores is not None:
-        sc = cnn_scores if isinstance(cnn_scores, pl.DataFrame) else pl.from_pandas(cnn_scores)
-        out = pl.concat([out, _cnn_frame(df, sc, where)], how="horizontal")
+        out = pl.concat([out, _cnn_frame(df, _polars(cnn_scores), where)], how="horizontal")
+    return _finish(out).to_pandas()
+
+
+def cnn_features(
+    metadata: pd.DataFrame | pl.DataFrame,
+    cnn_scores: pd.DataFrame | pl.DataFrame,
+    *,
+    where: str = "metadata",
+) -> pd.DataFrame:
+    """The CNN score features alone (`cnn_*` columns, metadata row order): exactly the columns that
+    `build_features(metadata, cnn_scores)` adds. Test features paired with one CNN fold's scores
+    (`tabular.pairing`) swap these in, so the tabular part is built once."""
+    df = _polars(metadata)
+    missing = [c for c in (schema.ID_COLUMN, schema.PATIENT_COLUMN) if c not in df.columns]
+    if missing:
+        raise FeatureError(f"{where}: missing column(s) {missing}")
+    df = df.select(_c(schema.ID_COLUMN).cast(pl.String), _c(schema.PATIENT_COLUMN).cast(pl.String))
+    return _finish(_cnn_frame(df, _polars(cnn_scores), where)).to_pandas()
+
+
+def _polars(frame: pd.DataFrame | pl.DataFrame) -> pl.DataFrame:
+    return frame if isinstance(frame, pl.DataFrame) else pl.from_pandas(frame)
+
+
+def _finish(out: pl.DataFrame) -> pl.DataFrame:
+    """Float columns as float32 with every NaN/inf as 0 (column by column: a part finishes like the whole)."""
     floats = [c for c, t in out.schema.items() if t.is_float()]
-    out = out.with_columns(
+    return out.with_columns(
         pl.when(_c(c).is_finite()).then(_c(c)).otherwise(0.0).cast(pl.Float32) for c in floats
     )
-    return out.to_pandas()
 
 
 def categorical_columns(columns: list[str]) -> list[str]:
@@ -301,20 +325,21 @@ def check_finite(features: pd.DataFrame, where: str = "features") -> None:
         raise FeatureError(f"{where}: column {num.columns[col]!r} row {row} is not finite")
 
 
-def fill_unscored(scores: pd.DataFrame, where: str) -> pd.DataFrame:
-    """Give test crops the CNN could not score (skipped as corrupt) the median score, and say so.
+def fill_unscored(scores: pd.DataFrame, where: str, columns: tuple[str, ...] = ("score",)) -> pd.DataFrame:
+    """Give test crops the CNN could not score (skipped as corrupt) the median score of each of `columns`
+    (the mean score, and each fold model's when paired by fold), and say so.
 
     A submission must cover every test id; one unreadable crop should not sink it. Training rows are
     never filled: the stacker refuses non-finite OOF scores instead.
     """
-    bad = ~np.isfinite(scores["score"].to_numpy(dtype=np.float64))
+    bad = ~np.isfinite(scores[list(columns)].to_numpy(dtype=np.float64)).all(axis=1)
     if not bad.any():
         return scores
-    median = float(np.nanmedian(scores["score"])) if (~bad).any() else 0.5
+    medians = {c: float(np.nanmedian(scores[c])) if (~bad).any() else 0.5 for c in columns}
     ids = scores.loc[bad, schema.ID_COLUMN].tolist()
     log.warning("%s: %d crop(s) could not be scored by the CNN (e.g. %s); they get the median CNN score %.4f",
-                where, len(ids), ids[:3], median)
-    return scores.assign(score=np.where(bad, median, scores["score"]))
+                where, len(ids), ids[:3], medians[columns[0]])
+    return scores.assign(**{c: np.where(bad, m, scores[c]) for c, m in medians.items()})
 
 
 # ---- what the training data looked like: test values the models never saw are named --------------------
@@ -406,32 +431,37 @@ class FeaturesResult:
 def features_stage(data: DataPaths, art: ArtifactPaths, use_cnn: bool = True) -> FeaturesResult:
     """The `features` stage: train (and test, when present) feature tables under the artifacts root.
 
-    CNN scores join when `use_cnn` and `oof_cnn.parquet` exists (test: `test_cnn.parquet`). Contract:
+    CNN scores join when `use_cnn` and `oof_cnn.parquet` exists (test: `test_cnn.parquet`, whose per-fold
+    scores also give `features/test_folds.parquet`, the test CNN features of each fold model). Contract:
     recomputed on any change. `features/inputs.json` records digests of what the tables were built from
     (metadata values, CNN scores, this module's code); when they all match and the tables exist, the
     tables are reused, otherwise rebuilt and the log names what changed.
     """
     from lesionstack.data.metadata import read_metadata
+    from lesionstack.tabular import pairing
 
     jobs = [("train", data.train_metadata, art.oof_cnn, art.features_train)]
     if data.test_metadata.is_file():
         jobs.append(("test", data.test_metadata, art.test_cnn, art.features_test))
     with_cnn = use_cnn and art.oof_cnn.is_file()
-    inputs: dict[str, object] = {"with_cnn": with_cnn, "code": files_digest([Path(__file__), Path(schema.__file__)])}
+    code = files_digest([Path(__file__), Path(schema.__file__), Path(pairing.__file__)])
+    inputs: dict[str, object] = {"with_cnn": with_cnn, "code": code}
     sources = []
     for kind, meta_path, cnn_path, target in jobs:
         if with_cnn and not cnn_path.is_file():
             raise FeatureError(f"{cnn_path}: CNN scores missing (the train table uses {art.oof_cnn}); "
                                "run train-cnn to the end, or pass --no-cnn")
         meta = read_metadata(meta_path, kind=kind)
-        scores = pd.read_parquet(cnn_path)[[schema.ID_COLUMN, "score"]] if with_cnn else None
+        scores = _read_scores(cnn_path, kind) if with_cnn else None
         inputs[f"{kind}_metadata"] = frame_digest(meta)
         inputs[f"{kind}_cnn_scores"] = frame_digest(scores) if scores is not None else None
         sources.append((kind, meta_path, meta, cnn_path, scores, target))
     record = art.features.inputs
     before = read_json(record) if record.is_file() else {}
     diff = changed_inputs(inputs, before)
-    reuse = not diff and all(p.is_file() for p in [*(src[-1] for src in sources), art.features_ranges])
+    outputs = [*(src[-1] for src in sources), art.features_ranges]
+    outputs += [art.features_test_folds] if with_cnn and len(sources) > 1 else []
+    reuse = not diff and all(p.is_file() for p in outputs)
     if not reuse:
         if before:
             log.info("rebuilding the feature tables: %s", describe(diff))
@@ -448,12 +478,28 @@ def features_stage(data: DataPaths, art: ArtifactPaths, use_cnn: bool = True) ->
     return FeaturesResult(tables, with_cnn, reused=reuse, warnings=warnings)
 
 
+def _read_scores(cnn_path: Path, kind: str) -> pd.DataFrame:
+    """oof_cnn's (isic_id, score); test_cnn's mean score and each fold model's (refused without them)."""
+    from lesionstack.tabular import pairing
+
+    scores = pd.read_parquet(cnn_path)
+    folds = list(pairing.fold_score_columns(scores, str(cnn_path)).values()) if kind == "test" else []
+    return scores[[schema.ID_COLUMN, "score", *folds]]
+
+
 def _write_table(kind: str, meta_path: Path, meta: pd.DataFrame, cnn_path: Path, scores: pd.DataFrame | None,
                  target: Path, art: ArtifactPaths) -> None:
-    """One feature table; the training one also records its ranges (`training_ranges`)."""
+    """One feature table; the training one also records its ranges (`training_ranges`); the test one, with
+    CNN scores, also the CNN features of each fold model's scores (`features_test_folds`, for pairing)."""
+    from lesionstack.tabular import pairing
+
     if scores is not None and kind == "test":
-        scores = fill_unscored(scores, str(cnn_path))
-    table = build_features(meta, scores, where=str(meta_path))
+        scores = fill_unscored(scores, str(cnn_path), columns=tuple(c for c in scores if c != schema.ID_COLUMN))
+        folds = pairing.fold_cnn_features(meta, scores, str(cnn_path))
+        with atomic_path(art.features_test_folds) as tmp:
+            folds.to_parquet(tmp, index=False)
+    table = build_features(meta, scores[[schema.ID_COLUMN, "score"]] if scores is not None else None,
+                           where=str(meta_path))
     if kind == "train":
         write_json(art.features_ranges, training_ranges(meta))
     with atomic_path(target) as tmp:

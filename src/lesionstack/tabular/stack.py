@@ -6,7 +6,8 @@ the seeds. `train_stack` fits every family on every fold of the fold file, twice
 the features (with them, and the "tabular" variant without them, so that the gain of stacking is on
 record), blends the families by rank mean (or by weights tuned on the OOF), and writes per-fold models,
 `oof_stack.parquet`, `cv.json` and `stack/feature_importance.csv`. `predict_stack` scores a test feature
-table with the saved fold models, blended as in training.
+table with the saved fold models, blended as in training; with CNN features, stack fold k sees CNN fold
+k's test score (`tabular.pairing`).
 
 No leakage between the two halves: CNN scores must be out-of-fold for this very fold file, cover every
 training row exactly once, and be the scores the feature table was built from (`check_cnn_oof`).
@@ -39,6 +40,7 @@ from lesionstack.paths import ArtifactPaths, FoldFiles
 from lesionstack.resume import Resume, frame_digest, guard
 from lesionstack.tabular.features import CAT_PREFIX, CATEGORY_VOCAB, CNN_PREFIX, categorical_columns, has_cnn
 from lesionstack.tabular.gbdt import FAMILIES, GBDTFamily
+from lesionstack.tabular.pairing import PAIRINGS, check_fold_pairing, paired_features
 from lesionstack.tabular.selection import selection_flags
 
 log = logging.getLogger(__name__)
@@ -544,21 +546,47 @@ def _summarise(oof: pd.DataFrame, oof_cnn: pd.DataFrame | None, folds: pd.DataFr
 
 
 def predict_stack(test_features: str | os.PathLike[str] | pd.DataFrame, artifacts: ArtifactPaths,
-                  variant: str = "main") -> pd.DataFrame:
+                  variant: str = "main", *, fold_cnn: pd.DataFrame | None = None,
+                  pairing: str = "fold") -> pd.DataFrame:
     """Score a test feature table with the saved fold models: mean over folds and seeds, then the blend
     of training (cv.json). Returns DataFrame[isic_id, score].
 
+    With CNN features, stack fold k scores the test rows with CNN fold k's features (`fold_cnn`, the long
+    table of `pairing.fold_cnn_features`; the fold files are checked, `pairing.check_fold_pairing`), so
+    train and test features have one scale. `pairing="mean"` scores every fold on `test_features`' own
+    CNN features (the mean of the fold models' scores): only to measure what pairing changes.
     `variant="tabular"` scores with the models trained without CNN features (`tabular_<family>`, trained
     when `train_tabular` is on), rank-mean blended: the score of a row whose crop could not be read."""
+    feats = _load_features(test_features)
+    cv = read_json(artifacts.cv_json)
+    per_fold = fold_probabilities(feats, artifacts, variant, fold_cnn=fold_cnn, pairing=pairing)
+    sums = {m: p.mean(axis=0) for m, p in per_fold.items()}
+    # the tabular variant's blend weights are not saved (cv.json keeps the main blend's): rank mean
+    weights = cv["blend"]["weights"] if cv["blend"]["method"] == "weights" and variant == "main" else None
+    return pd.DataFrame({ID_COLUMN: feats[ID_COLUMN].astype(str).to_numpy(), "score": blend(sums, weights)})
+
+
+def fold_probabilities(feats: pd.DataFrame, artifacts: ArtifactPaths, variant: str = "main", *,
+                       fold_cnn: pd.DataFrame | None = None, pairing: str = "fold") -> dict[str, np.ndarray]:
+    """Per blended family: (n_folds, n) probabilities, row k from stack fold k's models (see
+    `predict_stack` for `fold_cnn` and `pairing`)."""
     if variant not in ("main", "tabular"):
         raise StackError(f"variant must be 'main' or 'tabular', got {variant!r}")
-    feats = _load_features(test_features)
+    if pairing not in PAIRINGS:
+        raise StackError(f"pairing must be one of {PAIRINGS}, got {pairing!r}")
     cv = read_json(artifacts.cv_json)
     if cv["with_cnn"] and not has_cnn(feats):
         raise StackError("the stacker was trained with CNN features, but the test features hold none: "
                          "build them with the CNN's test scores")
+    paired = cv["with_cnn"] and variant == "main" and pairing == "fold"
+    if paired and fold_cnn is None:
+        raise StackError(f"{artifacts.cv_json}: the stacker uses CNN features, so stack fold k scores the test "
+                         "rows with CNN fold k's score: pass fold_cnn (tabular.pairing.fold_cnn_features of the "
+                         "per-fold test scores), or pairing='mean' to use the mean score for every fold")
+    if paired:
+        check_fold_pairing(artifacts, cv["n_folds"])
     names = [m if variant == "main" else f"{TABULAR}{m}" for m in cv["blend"]["weights"]]
-    sums = {m: np.zeros(len(feats)) for m in names}
+    out = {m: np.zeros((cv["n_folds"], len(feats))) for m in names}
     for k in range(cv["n_folds"]):
         ff = artifacts.stack_fold(k)
         if not ff.done.is_file():
@@ -566,11 +594,10 @@ def predict_stack(test_features: str | os.PathLike[str] | pd.DataFrame, artifact
         fitted = load_models(ff.dir)
         if missing := [m for m in names if m not in fitted]:
             raise StackError(f"{ff.dir}: no {missing} models (train the stacker with train_tabular on)")
+        X = paired_features(feats, fold_cnn, k, "test CNN features") if paired else feats  # type: ignore[arg-type]
         for m in names:
-            sums[m] += fitted[m].predict_proba(feats)[:, 1] / cv["n_folds"]
-    # the tabular variant's blend weights are not saved (cv.json keeps the main blend's): rank mean
-    weights = cv["blend"]["weights"] if cv["blend"]["method"] == "weights" and variant == "main" else None
-    return pd.DataFrame({ID_COLUMN: feats[ID_COLUMN].astype(str).to_numpy(), "score": blend(sums, weights)})
+            out[m][k] = fitted[m].predict_proba(X)[:, 1]
+    return out
 
 
 def save_models(fitted: dict[str, GBDTStacker], folder: Path) -> Path:

@@ -514,12 +514,13 @@ def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CN
 
 def score_test(data: DataPaths, folds: pd.DataFrame, cfg: CNNConfig, art: ArtifactPaths,
                rt: Runtime) -> pd.DataFrame:
-    """The test lesions' mean fold-model score, DataFrame[isic_id, score] (every rank gets all rows)."""
+    """The test lesions' mean fold-model score and each fold model's, DataFrame[isic_id, score,
+    score_fold_<k>...] (every rank gets all rows): the stacker pairs its fold k with CNN fold k."""
     tids = test_ids(data, H5Images(data.test_images))
     predictor = Predictor.load(art.root, device=str(rt.device), progress=cfg.progress,
                                folds=sorted(int(k) for k in folds["fold"].unique()),
                                batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, ctx=rt.ctx)
-    return predictor.score_hdf5(data.test_images, ids=tids)
+    return predictor.score_hdf5(data.test_images, ids=tids, per_fold=True)
 
 
 def scores_inputs(data: DataPaths, art: ArtifactPaths, folds: pd.DataFrame, all_folds: Sequence[int],
@@ -529,7 +530,8 @@ def scores_inputs(data: DataPaths, art: ArtifactPaths, folds: pd.DataFrame, all_
     fold_files = [p for k in all_folds for p in (art.cnn_fold(k).config, art.cnn_fold(k).metrics,
                                                  art.cnn_fold(k).done, art.cnn_fold(k).kept_weights)]
     inputs = {"fold_models": files_digest(fold_files), "folds": folds_digest(folds), "train_images": train_images,
-              "test_images": None, "test_ids": None}
+              "test_images": None, "test_ids": None,
+              "test_scores": "mean and per fold"}  # test_cnn files of releases before pairing held the mean only
     if data.test_images.exists():
         inputs["test_images"] = images_digest(data.test_images)
         if data.test_metadata.exists():
