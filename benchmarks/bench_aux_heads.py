@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_aux_heads.py DATA_DIR --folds FOLDS.csv --out DIR \\
         [--config configs/cnn/demo.yaml] [--labels configs/diagnosis/demo.yaml] [--weight 0.3] \\
-        [--folds-only 0 1 2] [--segmenter model.pt] [--epochs N]
+        [--folds-only 0 1 2] [--segmenter model.pt] [--epochs N] [--val-every N]
 
 Trains the CNN config twice on the same folds with the same seed: `aux_diagnosis: null` (DIR/off) and
 `aux_diagnosis: {weight, labels}` with the `labels` section of a diagnosis config (DIR/on); a rerun resumes
@@ -52,6 +52,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--folds-only", type=int, nargs="*", default=None)
     p.add_argument("--segmenter", type=Path, default=None)
     p.add_argument("--epochs", type=int, default=None, help="override the config's epochs")
+    p.add_argument("--val-every", type=int, default=None,
+                   help="override val_every: with keep: last the per-epoch validation only watches, so "
+                        "validating after the last epoch alone gives the same model in less time")
     return p.parse_args()
 
 
@@ -72,7 +75,7 @@ def cpu_seconds() -> float:
 
 
 def train_variant(args: argparse.Namespace, name: str, aux: AuxDiagnosisConfig | None) -> dict[str, Any]:
-    cfg = load_cnn_config(args.config, segmenter=args.segmenter, epochs=args.epochs)
+    cfg = load_cnn_config(args.config, segmenter=args.segmenter, epochs=args.epochs, val_every=args.val_every)
     cfg = dataclasses.replace(cfg, aux_diagnosis=aux)
     start, cpu, load = time.perf_counter(), cpu_seconds(), os.getloadavg()
     train_cnn(args.data_dir, args.folds, cfg, args.out / name, folds_only=args.folds_only)
