@@ -10,7 +10,8 @@ or skips finished folds (train-cnn's own guard). Then scores each trained fold's
 kept model, as train-cnn's OOF scores are made, and prints per fold and pooled (over the trained folds;
 all of them: the OOF pAUC) the pAUC and AUC of both, and for the aux run the auxiliary heads' balanced
 accuracy on the validation rows that have a class (all classes, and the malignant subtypes alone: what the
-heads could learn only from subtype cues). Writes DIR/summary.json.
+heads could learn only from subtype cues), and a paired patient bootstrap of the pooled pAUC difference.
+Writes DIR/summary.json and DIR/{off,on}/scores.parquet.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from lesionstack.data.hdf5 import H5Images
 from lesionstack.folds import read_folds
 from lesionstack.metrics import balanced_accuracy, pauc, roc_auc
 from lesionstack.paths import ArtifactPaths, DataPaths
+from lesionstack.report.stats import WeightedROC
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
 from lesionstack.train.aux_heads import AuxDiagnosisConfig, read_aux_labels
 from lesionstack.train.cnn import CNNConfig, load_cnn_config, scoring_model, train_cnn
@@ -106,7 +108,30 @@ def score_variant(args: argparse.Namespace, name: str, cfg: CNNConfig, aux_label
         rows[k] = summarise(part, cfg, aux_labels)
         rows[k]["kept_epoch"] = json.loads(art.cnn_fold(k).metrics.read_text())["best_epoch"]
     pooled = pd.concat(parts, ignore_index=True)
+    pooled.to_parquet(args.out / name / "scores.parquet", index=False)
     return {"folds": rows, "pooled": summarise(pooled, cfg, aux_labels)}
+
+
+def paired_bootstrap(args: argparse.Namespace, n_resamples: int = 2000, seed: int = 0) -> dict[str, float]:
+    """pAUC(on) - pAUC(off) on the same resampled patients (the pooled rows of both runs): mean, 95%
+    percentile interval, and the share of resamples in which the heads score higher."""
+    off, on = (pd.read_parquet(args.out / name / "scores.parquet") for name in ("off", "on"))
+    rows = off.merge(on[["isic_id", "score"]], on="isic_id", suffixes=("_off", "_on"))
+    rows = rows.merge(read_folds(args.folds)[["isic_id", "patient_id"]], on="isic_id")
+    codes = pd.factorize(rows["patient_id"])[0]
+    y, n = rows["target"].to_numpy(dtype=float), int(codes.max()) + 1
+    curves = [WeightedROC(y, rows[f"score_{name}"].to_numpy(), codes) for name in ("off", "on")]
+    positives, sizes = np.bincount(codes, weights=y, minlength=n), np.bincount(codes, minlength=n)
+    rng, diffs = np.random.default_rng(seed), []
+    while len(diffs) < n_resamples:
+        counts = np.bincount(rng.integers(0, n, n), minlength=n)
+        if 0 < counts @ positives < counts @ sizes:  # pAUC needs both classes
+            diffs.append(curves[1].scores(counts)[0] - curves[0].scores(counts)[0])
+    d = np.asarray(diffs)
+    low, high = np.quantile(d, [0.025, 0.975])
+    return {"delta_pauc": pauc(y, rows["score_on"]) - pauc(y, rows["score_off"]), "low": float(low),
+            "high": float(high), "share_on_higher": float((d > 0).mean()), "n_resamples": n_resamples,
+            "patients": n}
 
 
 def summarise(part: pd.DataFrame, cfg: CNNConfig, aux_labels: pd.Series) -> dict[str, Any]:
@@ -136,7 +161,8 @@ def main() -> None:
         summary[name] = {**score_variant(args, name, run.pop("cfg"), aux_labels), **run}
         print(name, json.dumps(summary[name]["pooled"]), f"wall {run['wall_s']:.0f} s, cpu {run['cpu_s']:.0f} s",
               flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    summary["paired_bootstrap"] = paired_bootstrap(args)
+    print("pAUC on - off, patients resampled:", json.dumps(summary["paired_bootstrap"]))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     print("| fold | pAUC off | pAUC on | AUC off | AUC on | aux bal. acc | aux subtype recall |")
     print("|---|---|---|---|---|---|---|")
