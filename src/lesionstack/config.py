@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,13 +32,21 @@ def config_from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = 
         raise ConfigError(f"{where}: unknown key(s) {unknown}; known: {sorted(names)}")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
-        hint = hints[key]
+        hint = _optional_of(hints[key])
         if dataclasses.is_dataclass(hint) and isinstance(value, dict):
             value = config_from_dict(hint, value, where=f"{where}.{key}")
         elif isinstance(value, list) and typing.get_origin(hint) is tuple:
             value = tuple(value)
         kwargs[key] = value
     return cls(**kwargs)
+
+
+def _optional_of(hint: Any) -> Any:
+    """`X` for a hint `X | None` (an optional section such as `aux_diagnosis: null`), else the hint itself."""
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+        return args[0]
+    return hint
 
 
 def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, **overrides: Any) -> T:

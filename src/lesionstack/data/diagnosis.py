@@ -224,6 +224,32 @@ def read_isic2024(data_dir: str | os.PathLike[str], label_map: LabelMap) -> Diag
     return _finish(table, label_map.classes, images, "isic2024", paths.train_metadata, "patient")
 
 
+def read_iddx_classes(path: str | os.PathLike[str], label_map: LabelMap) -> pd.Series:
+    """isic_id -> class index (into `label_map.classes`) of every row of an ISIC 2024 `train-metadata.csv`,
+    from its iddx columns (as `read_isic2024`), reading only those columns. -1 where the mapping says
+    "drop" (Indeterminate) or no entry matches: such rows have no class and are not given one."""
+    path = Path(path)
+    wanted = {ID_COLUMN, "iddx_full", *IDDX_LEVELS}
+    try:
+        meta = pd.read_csv(path, usecols=lambda c: c in wanted, dtype=str)
+    except (OSError, ValueError) as err:
+        raise DiagnosisDataError(f"{path}: cannot read the diagnosis columns ({err})") from err
+    if ID_COLUMN not in meta.columns:
+        raise DiagnosisDataError(f"{path}: missing required column '{ID_COLUMN}'")
+    if meta[ID_COLUMN].duplicated().any():
+        i = int(np.flatnonzero(meta[ID_COLUMN].duplicated())[0])
+        raise DiagnosisDataError(f"{path}: column '{ID_COLUMN}' line {_line_of(i)}: duplicate '{meta[ID_COLUMN][i]}'")
+    diagnosis = _iddx_paths(meta, path)
+    index = {c: k for k, c in enumerate(label_map.classes)}
+    class_of = {p: index.get(label_map.class_of(p) or DROP, -1) for p in pd.unique(diagnosis)}
+    y = pd.Series([class_of[p] for p in diagnosis], index=meta[ID_COLUMN].to_numpy(), dtype=np.int64)
+    unmapped = sorted({p for p in class_of if label_map.class_of(p) is None})
+    log.info("%s: diagnosis classes %s; %d row(s) without a class (dropped%s)", path,
+             {c: int((y == k).sum()) for c, k in index.items()}, int((y < 0).sum()),
+             f"; unmapped, e.g. {unmapped[0]!r}" if unmapped else "")
+    return y
+
+
 def _iddx_paths(meta: pd.DataFrame, path: Path) -> np.ndarray:
     """One "::" diagnosis path per row: iddx_full, else the iddx_1..5 levels joined; checked to agree."""
     levels = [c for c in IDDX_LEVELS if c in meta.columns]

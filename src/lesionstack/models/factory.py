@@ -36,6 +36,9 @@ class ModelConfig:
         model starts at logits near 0. timm's TensorFlow-style init of MobileNet/EfficientNet scales the output
         Linear by 1/sqrt(its fan-out), which for one logit is U(-1, 1) over ~1,000 features: at random init
         mobilenetv3_small_100 starts at logits of std ~3 (mobilenetv4_conv_small ~11) and train losses > 1.
+    aux_outputs: extra head outputs after the main ones, trained by an auxiliary loss and never scored
+        (`forward(x)` drops them); the CNN stage sets it from its `aux_diagnosis` section, so a saved
+        fold config rebuilds the head it was trained with.
     """
 
     classifier: str = "resnet18"
@@ -48,10 +51,13 @@ class ModelConfig:
     drop_path_rate: float | None = None
     segmenter_decoder_channels: tuple[int, ...] | None = None
     head_init: str = "timm"
+    aux_outputs: int = 0
 
     def __post_init__(self) -> None:
         if self.head_init not in HEAD_INITS:
             raise ValueError(f"model.head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
+        if self.aux_outputs < 0:
+            raise ValueError(f"model.aux_outputs must be >= 0, got {self.aux_outputs}")
         if self.gate not in GATES:
             raise ValueError(f"model.gate must be one of {GATES}, got {self.gate!r}")
         if self.segmenter_lr_scale < 0:
@@ -68,7 +74,8 @@ def with_segmenter(cfg: ModelConfig, weights: str | os.PathLike[str]) -> ModelCo
 
 def build_model(cfg: ModelConfig, num_classes: int = 1) -> GatedClassifier:
     """(B, 3, H, W) ImageNet-normalised float -> (B,) logits, or (B, K) with `num_classes` K > 1 (diagnosis);
-    `model.forward_with_mask(x)` also gives the mask."""
+    `model.forward_with_mask(x)` also gives the mask. The head has `num_classes + cfg.aux_outputs` outputs;
+    `model(x, aux=True)` returns all of them."""
     if cfg.gate == "none":
         segmenter = None
         in_chans = 3
@@ -81,11 +88,11 @@ def build_model(cfg: ModelConfig, num_classes: int = 1) -> GatedClassifier:
         weights=cfg.classifier_weights,
         drop_rate=cfg.drop_rate,
         drop_path_rate=cfg.drop_path_rate,
-        num_classes=num_classes,
+        num_classes=num_classes + cfg.aux_outputs,
     )
     if cfg.head_init == "small":
         small_head(classifier)
-    return GatedClassifier(classifier, segmenter, cfg.gate, cfg.segmenter_lr_scale)
+    return GatedClassifier(classifier, segmenter, cfg.gate, cfg.segmenter_lr_scale, cfg.aux_outputs)
 
 
 @torch.no_grad()

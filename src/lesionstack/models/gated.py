@@ -24,6 +24,11 @@ Modes (`ModelConfig.gate`):
   statistics do not move either), so its weights are bit-identical after training.
 * "none": no segmenter; the classifier is a plain 3-channel timm model on x. Compare it with the others to
   measure what the segmenter is worth.
+
+Auxiliary outputs (`aux_outputs` K > 0, e.g. the diagnosis classes beside the malignancy logit): the
+classifier's head has K extra outputs after the main ones. `forward(x)` drops them, so everything that
+scores (prediction, export, the Kaggle kernel) sees the main logits only; `forward(x, aux=True)` returns
+every output, (B, main + K), for the training loss.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ class GatedClassifier(nn.Module):
         segmenter: nn.Module | None,
         gate: str = "train",
         segmenter_lr_scale: float = 0.1,
+        aux_outputs: int = 0,
     ) -> None:
         super().__init__()
         if gate not in GATES:
@@ -51,6 +57,7 @@ class GatedClassifier(nn.Module):
             raise ValueError(f"gate={gate!r} needs {'no' if gate == 'none' else 'a'} segmenter")
         self.gate = gate
         self.segmenter_lr_scale = segmenter_lr_scale  # read by `param_groups`
+        self.aux_outputs = aux_outputs  # the head's last outputs: trained, never scored
         self.classifier = classifier
         self.segmenter = segmenter
         if gate == "freeze":
@@ -73,11 +80,14 @@ class GatedClassifier(nn.Module):
                 return torch.sigmoid(self.segmenter(x))
         return torch.sigmoid(self.segmenter(x))
 
-    def forward_with_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits (B,), mask (B,1,H,W) or None)."""
+    def forward_with_mask(self, x: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B,), mask (B,1,H,W) or None); with `aux` and auxiliary outputs, logits are (B, main + K)."""
         m = self.mask(x)
         z = x if m is None else torch.cat([x * (0.5 + 0.5 * m), m], dim=1)
-        return self.classifier(z).squeeze(-1), m
+        out = self.classifier(z)
+        if not self.aux_outputs:
+            return out.squeeze(-1), m
+        return (out if aux else out[:, : -self.aux_outputs].squeeze(-1)), m
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_with_mask(x)[0]
+    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor:
+        return self.forward_with_mask(x, aux)[0]

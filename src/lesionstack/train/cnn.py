@@ -79,6 +79,7 @@ from lesionstack.runtime import (
     sigmoid,
     sync_buffers,
 )
+from lesionstack.train.aux_heads import AuxDiagnosisConfig, attach_aux_classes, aux_outputs, with_aux_loss
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,9 @@ class CNNConfig:
     untrained_segmenter: str = "allow"
     tta_hflip: bool = True  # average the logits of the image and its mirror when scoring
     tta_dihedral: bool = False  # and of their rotations by 90, 180, 270 degrees: 8 views (4x the scoring time)
+    # auxiliary diagnosis heads trained beside the malignancy logit (`train.aux_heads`); null: off. Sets
+    # model.aux_outputs (the head's extra outputs), so the saved fold config rebuilds the head.
+    aux_diagnosis: AuxDiagnosisConfig | None = None
     seed: int = 42
     num_workers: int = 2
     cpu_threads: int = 0  # torch threads on CPU; 0 keeps torch's default (1 is faster on a busy machine)
@@ -159,6 +163,8 @@ class CNNConfig:
                               f"got {self.untrained_segmenter!r}")
         if self.val_max_negatives is not None and self.val_max_negatives < 1:
             raise ConfigError(f"cnn val_max_negatives must be null or >= 1, got {self.val_max_negatives}")
+        if self.model.aux_outputs != aux_outputs(self.aux_diagnosis):  # derived, never set by hand
+            self.model = dataclasses.replace(self.model, aux_outputs=aux_outputs(self.aux_diagnosis))
 
 
 def load_cnn_config(path: str | os.PathLike[str] | None = None,
@@ -245,7 +251,7 @@ def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt:
         x = rt.finish(augment_batch(rt.prepare(batch.images), augment, gen))
         y = batch.labels.to(rt.device, non_blocking=True)
         with rt.autocast():
-            logits = model(x)
+            logits = model(x, aux=True)  # (B,), or (B, 1 + K) with auxiliary heads (their loss_fn reads them)
         if loss_fn is None:
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         else:
@@ -313,7 +319,8 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
                rt: Runtime, on_epoch_end: EpochHook | None = None, loss_fn: LossFn | None = None,
                inputs: dict[str, str] | None = None) -> dict[str, Any]:
     """Train (or resume, or skip) one fold; returns its metrics.json content. `loss_fn` replaces the BCE
-    (`train.distill` trains its student through this loop).
+    (`train.distill` trains its student through this loop). With `cfg.aux_diagnosis`, the auxiliary heads
+    train on the rows' diagnosis classes (`folds` column from `train.aux_heads.attach_aux_classes`).
 
     `resume.guard` decides: a finished or checkpointed fold made by another config (runtime keys aside)
     or from other inputs (default: `fold_inputs` of `folds` and `images`) is refused, naming the key.
@@ -331,6 +338,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
     seed_everything(cfg.seed, fold)
     model = rt.place(build_model(cfg.model))
+    loss_fn = with_aux_loss(cfg.aux_diagnosis, train, rt.device, loss_fn)
     sampler = BalancedEpochSampler(train_ds.labels, cfg.neg_per_pos, seed=cfg.seed * 1000 + fold,
                                    rank=rt.ctx.rank, world_size=rt.ctx.world_size)
     loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
@@ -613,6 +621,9 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
                  ctx.world_size, todo)
     train_images = images_digest(images.path)
     inputs = fold_inputs(folds, train_images, cfg.model)
+    if cfg.aux_diagnosis is not None:  # each row's diagnosis class travels with it to its fold's loss
+        folds, aux_record = attach_aux_classes(folds, data.train_metadata, cfg.aux_diagnosis)
+        inputs.update(aux_record)
     summary: dict[str, Any] = {"folds": train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs,
                                                     Path(folds_path))}
     if all(art.cnn_fold(k).done.exists() for k in all_folds):
