@@ -26,6 +26,7 @@ from lesionstack.tabular.stack import (
     StackConfig,
     StackError,
     check_cnn_oof,
+    load_models,
     predict_stack,
     train_stack,
     undersample,
@@ -160,3 +161,16 @@ def test_parallel_fits_give_the_same_models(trained: tuple, tmp_path: Path, capl
     with caplog.at_level(logging.INFO, logger="lesionstack"):
         train_stack(feats, art.folds, art, StackConfig(**TINY, workers=2), cnn_oof=cnn)
     assert sum("reusing" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_tabular_seeds_fit_only_the_fallback_variant_with_fewer_seeds(trained: tuple, tmp_path: Path) -> None:
+    feats, art, cnn, cv = trained
+    other = ArtifactPaths(tmp_path)
+    other.root.mkdir(exist_ok=True)
+    pd.read_csv(art.folds).to_csv(other.folds, index=False)
+    cfg = StackConfig(**{**TINY, "models": ["lgbm"], "seeds": (0, 1), "tabular_seeds": (0,)})
+    train_stack(feats, other.folds, other, cfg, cnn_oof=cnn)
+    fitted = load_models(other.stack_fold(0).dir)
+    assert fitted["lgbm"].seeds == (0, 1) and fitted["tabular_lgbm"].seeds == (0,)
+    with pytest.raises(StackError, match="tabular_seeds"):
+        StackConfig(tabular_seeds=())
