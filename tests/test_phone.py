@@ -93,3 +93,27 @@ def test_evaluate_phone_scores_clean_and_degraded(student: tuple[Path, Path]) ->
     assert copy.stat().st_mtime_ns == before  # reused
     with pytest.raises(ConfigError):
         phone_copy(root / "train-image.hdf5", ["x"], copy, dataclasses.replace(PhoneConfig(), p=0.9))
+
+
+def test_evaluate_phone_scores_a_cnn_whose_fold_configs_carry_a_refused_training_key(
+        student: tuple[Path, Path]) -> None:
+    """Scoring reads a fold config as prediction does: a CNN trained with `keep: best` (refused for training
+    since) still scores; here the student's fold models, copied as the CNN's."""
+    import re
+    import shutil
+
+    from lesionstack.config import read_config_dict
+    from lesionstack.files import write_text
+
+    root, art = student
+    paths = ArtifactPaths(art)
+    for k in (0, 1):
+        src, dst = paths.distill_fold("tiny", k), paths.cnn_fold(k)
+        dst.dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src.safetensors, dst.safetensors)
+        text = re.sub(r"^keep: .*$", "", src.config.read_text(), flags=re.M) + "keep: best\n"
+        write_text(dst.config, text)
+        assert read_config_dict(dst.config)["keep"] == "best"
+        write_text(dst.done, "done\n")
+    cnn = evaluate_phone(root, art, model="cnn", progress=False)
+    assert cnn["clean"]["oof_pauc"] == pytest.approx(read_json(paths.robustness_file("tiny.json"))["clean"]["oof_pauc"])

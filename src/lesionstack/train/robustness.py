@@ -21,17 +21,17 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lesionstack.config import config_to_dict
+from lesionstack.config import config_to_dict, read_config_dict
 from lesionstack.data.augment import PhoneConfig, phone_degrade, to_float
 from lesionstack.data.dataset import CropDataset
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.files import atomic_path, write_json
 from lesionstack.folds import read_folds
+from lesionstack.inference.predictor import load_fold_model
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.resume import record_or_check_inputs
 from lesionstack.runtime import RunSettings, Runtime, predict_logits
-from lesionstack.train.cnn import CNNConfig, load_cnn_config, scoring_model
 from lesionstack.train.distill import fold_spread, load_student
 
 STORE_QUALITY = 95  # the degraded crop is stored near-losslessly; its own JPEG damage happened before
@@ -65,16 +65,18 @@ def phone_copy(src: str | os.PathLike[str], ids: Sequence[str], out: str | os.Pa
     return out
 
 
-def fold_models(art: ArtifactPaths, model: str, folds: Sequence[int]) -> Iterator[tuple[int, nn.Module, CNNConfig]]:
-    """(fold, network, its config) for `model`: "cnn" (the gated CNN) or the name of a distilled student."""
+def fold_models(art: ArtifactPaths, model: str, folds: Sequence[int]) -> Iterator[tuple[int, nn.Module, dict]]:
+    """(fold, network, its config as a dict) for `model`: "cnn" (the gated CNN) or the name of a distilled
+    student. A CNN fold's config is read as prediction reads it (its model section, size and scoring keys),
+    so a fold trained with since-refused training keys (e.g. keep: best) still scores."""
     for k in folds:
         if model == "cnn":
             files = art.cnn_fold(k)
-            cfg = load_cnn_config(files.config)
-            yield k, scoring_model(cfg, files.kept_weights, torch.device("cpu")).eval(), cfg
+            cfg = read_config_dict(files.config)
+            yield k, load_fold_model(cfg["model"], files.kept_weights, str(files.config)).eval(), cfg
         else:
-            net, cfg = load_student(art.distill_fold(model, k).dir)
-            yield k, net, cfg
+            net, student = load_student(art.distill_fold(model, k).dir)
+            yield k, net, config_to_dict(student)
 
 
 def evaluate_phone(data_dir: str | os.PathLike[str], artifacts: str | os.PathLike[str], model: str = "cnn",
@@ -92,7 +94,7 @@ def evaluate_phone(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
         rt = Runtime(RunSettings.pick(cfg, progress=progress), torch.device("cpu"), None)
         val = folds[folds["fold"] == k]
         for kind, h5 in (("clean", data.train_images), ("degraded", degraded)):
-            ds = CropDataset(h5, val[ID_COLUMN], val[TARGET_COLUMN], cfg.image_size)
+            ds = CropDataset(h5, val[ID_COLUMN], val[TARGET_COLUMN], int(cfg["image_size"]))
             logits = predict_logits(net, ds, rt, desc=f"{model} fold {k} {kind}")
             scores[kind].append(pd.DataFrame({ID_COLUMN: ds.ids, "score": logits}))
     result = {"model": model, "phone": config_to_dict(phone), "seed": seed,
