@@ -116,4 +116,4 @@ def test_evaluate_phone_scores_a_cnn_whose_fold_configs_carry_a_refused_training
         assert read_config_dict(dst.config)["keep"] == "best"
         write_text(dst.done, "done\n")
     cnn = evaluate_phone(root, art, model="cnn", progress=False)
-    assert cnn["clean"]["oof_pauc"] == pytest.approx(read_json(paths.robustness_file("tiny.json"))["clean"]["oof_pauc"])
+    assert cnn["clean"]["oof_pauc"] == pytest.approx(read_json(paths.distill_file("tiny", "metrics.json"))["oof_pauc"])
