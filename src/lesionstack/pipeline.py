@@ -256,17 +256,18 @@ def _predict(data: DataPaths, art: ArtifactPaths) -> PredictResult | Skipped:
         return Skipped(f"no {data.test_metadata}")
     from lesionstack.inference.submit import write_submission
     from lesionstack.tabular.pairing import score_shift
-    from lesionstack.tabular.stack import predict_stack
+    from lesionstack.tabular.stack import blend_folds, fold_probabilities
 
     features = pd.read_parquet(art.features_test)
     # stack fold k on CNN fold k's test scores (written by the features stage when it used CNN scores)
     fold_cnn = pd.read_parquet(art.features_test_folds) if art.features_test_folds.is_file() else None
-    scores = predict_stack(features, art, fold_cnn=fold_cnn)
+    per_fold = fold_probabilities(features, art, fold_cnn=fold_cnn)
+    scores = blend_folds(features, per_fold, art)
     with atomic_path(art.test_stack) as tmp:
         scores.to_parquet(tmp, index=False)
     write_submission(scores, features[ID_COLUMN].tolist(), art.submission)
-    if fold_cnn is not None and read_json(art.cv_json)["with_cnn"]:
-        write_json(art.score_shift, score_shift(art, features, fold_cnn))
+    if fold_cnn is not None and read_json(art.cv_json)["with_cnn"]:  # the measured shift reuses per_fold
+        write_json(art.score_shift, score_shift(art, features, fold_cnn, per_fold))
     return PredictResult(art.submission, len(scores))
 
 

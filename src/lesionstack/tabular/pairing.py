@@ -130,9 +130,11 @@ def compare(train: np.ndarray, tests: dict[str, np.ndarray]) -> dict[str, Any]:
     return out
 
 
-def score_shift(artifacts: ArtifactPaths, test_features: pd.DataFrame, fold_cnn: pd.DataFrame) -> dict[str, Any]:
+def score_shift(artifacts: ArtifactPaths, test_features: pd.DataFrame, fold_cnn: pd.DataFrame,
+                paired_probabilities: dict[str, np.ndarray]) -> dict[str, Any]:
     """OOF vs test distributions, test features from the mean of the CNN folds (`test_mean`, before
-    pairing) and from each fold model (`test_paired`, pooled over folds):
+    pairing) and from each fold model (`test_paired`, pooled over folds; `paired_probabilities`: the stack's
+    `fold_probabilities` on them, as the prediction computed them):
 
     * `features`: every CNN feature (`cnn_*`), OOF = the training feature table;
     * `cnn_score_by_fold`: KS of CNN fold k's OOF scores (its validation rows) against the test scores
@@ -159,9 +161,8 @@ def score_shift(artifacts: ArtifactPaths, test_features: pd.DataFrame, fold_cnn:
     oof = pd.read_parquet(artifacts.oof_stack)
     oof_p = oof[[f"score_{m}" for m in families]].mean(axis=1).to_numpy()
     before = fold_probabilities(test_features, artifacts, pairing="mean")
-    after = fold_probabilities(test_features, artifacts, fold_cnn=fold_cnn)
     fold_p = {name: np.mean([p[m] for m in families], axis=0) for name, p in (("test_mean", before),
-                                                                              ("test_paired", after))}
+                                                                              ("test_paired", paired_probabilities))}
     return {
         "what": "OOF vs test score distributions; test_mean: test CNN features from the mean of the CNN fold "
                 "models' scores (before pairing); test_paired: stack fold k on CNN fold k's scores (pooled "

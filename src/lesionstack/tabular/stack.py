@@ -563,8 +563,15 @@ def predict_stack(test_features: str | os.PathLike[str] | pd.DataFrame, artifact
     `variant="tabular"` scores with the models trained without CNN features (`tabular_<family>`, trained
     when `train_tabular` is on), rank-mean blended: the score of a row whose crop could not be read."""
     feats = _load_features(test_features)
-    cv = read_json(artifacts.cv_json)
     per_fold = fold_probabilities(feats, artifacts, variant, fold_cnn=fold_cnn, pairing=pairing)
+    return blend_folds(feats, per_fold, artifacts, variant)
+
+
+def blend_folds(feats: pd.DataFrame, per_fold: dict[str, np.ndarray], artifacts: ArtifactPaths,
+                variant: str = "main") -> pd.DataFrame:
+    """DataFrame[isic_id, score] from `fold_probabilities`' output: each family's mean over the stack folds,
+    then the blend of training (cv.json)."""
+    cv = read_json(artifacts.cv_json)
     sums = {m: p.mean(axis=0) for m, p in per_fold.items()}
     # the tabular variant's blend weights are not saved (cv.json keeps the main blend's): rank mean
     weights = cv["blend"]["weights"] if cv["blend"]["method"] == "weights" and variant == "main" else None
