@@ -23,6 +23,7 @@ from lesionstack.inference.export import (
     preprocess,
     preprocess_spec,
     quantize_int8,
+    simulated_logits,
 )
 from lesionstack.train.distill import load_student
 
@@ -56,7 +57,7 @@ def test_int8_is_smaller_and_as_accurate(exported: tuple[Path, Path, Path, dict]
     assert report["int8"]["bytes"] < report["fp32"]["bytes"]
 
 
-def test_the_u8s8_recipe_quantises_activations_unsigned(exported: tuple[Path, Path, Path, dict], tmp_path) -> None:
+def test_the_u8s8_and_a16w8_recipes_quantise_activations_as_named(exported: tuple[Path, Path, Path, dict], tmp_path) -> None:
     root, art, out, _ = exported
     folds = read_folds(Path(art) / "folds.csv")
     ds = CropDataset(root / "train-image.hdf5", folds["isic_id"][:8], None, 32)
@@ -65,8 +66,53 @@ def test_the_u8s8_recipe_quantises_activations_unsigned(exported: tuple[Path, Pa
     zero_points = {i.name: i.data_type for i in model.graph.initializer if i.name.endswith("_zero_point")}
     kinds = set(zero_points.values())
     assert onnx.TensorProto.UINT8 in kinds and onnx.TensorProto.INT8 in kinds  # u8 activations, s8 weights
+    a16 = onnx.load(str(quantize_int8(out / FP32_FILE, tmp_path / "a16.onnx", calibration, "a16w8")))
+    kinds = {i.data_type for i in a16.graph.initializer if i.name.endswith("_zero_point")}
+    assert onnx.TensorProto.UINT16 in kinds and onnx.TensorProto.INT8 in kinds  # u16 activations, s8 weights
+    assert max(int(np.abs(w.astype(int)).max()) for w in _weights(a16)) == 127  # no int16 step: 8-bit weights
+    x = preprocess([ds.load(i) for i in range(8)], preprocess_spec(32))
+    fp32 = OnnxStudent.load(out).logits(x)
+    a16_logits = simulated_logits(tmp_path / "a16.onnx", x)
+    assert np.abs(a16_logits - fp32).max() < np.abs(simulated_logits(tmp_path / "u8.onnx", x) - fp32).max()
     with pytest.raises(ValueError, match="recipe"):
         quantize_int8(out / FP32_FILE, tmp_path / "x.onnx", calibration, "u8u8")
+
+
+def _weights(model: onnx.ModelProto) -> list[np.ndarray]:
+    """The int8 weight tensors of a QDQ model (the inputs of its weights' DequantizeLinear nodes)."""
+    init = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+    return [init[n.input[0]] for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in init and init[n.input[0]].dtype == np.int8
+            and init[n.input[0]].ndim >= 2]
+
+
+def test_weights_are_7_bit_by_default_so_avx2_kernels_cannot_saturate(exported, tmp_path) -> None:
+    """vpmaddubsw (x86 int8 without VNNI) saturates its int16 pair sums with full-range weights: 7-bit weights
+    (|w| <= 64) are the default; 8 bits is the option for phones and VNNI CPUs; anything else is refused."""
+    root, art, out, report = exported
+    assert report["int8"]["weight_bits"] == 7
+    default = _weights(onnx.load(str(out / INT8_FILE)))
+    assert default and max(int(np.abs(w.astype(int)).max()) for w in default) <= 64
+    folds = read_folds(Path(art) / "folds.csv")
+    ds = CropDataset(root / "train-image.hdf5", folds["isic_id"][:8], None, 32)
+    calibration = preprocess([ds.load(i) for i in range(8)], preprocess_spec(32))
+    full = _weights(onnx.load(str(quantize_int8(out / FP32_FILE, tmp_path / "w8.onnx", calibration, weight_bits=8))))
+    assert max(int(np.abs(w.astype(int)).max()) for w in full) == 127
+    with pytest.raises(ValueError, match="weight bits"):
+        quantize_int8(out / FP32_FILE, tmp_path / "x.onnx", calibration, weight_bits=6)
+
+
+def test_int8_report_tells_quantisation_error_from_kernel_error(exported) -> None:
+    """export.json gives the int8 logits' correlation with fp32 from this CPU's kernels and from the QDQ
+    arithmetic simulated in float; the simulation of a model without QDQ nodes is the fp32 model itself."""
+    root, art, out, report = exported
+    q = report["int8"]
+    assert 0.5 < q["simulated_logit_corr_with_fp32"] <= 1 and -1 <= q["logit_corr_with_fp32"] <= 1
+    assert 0 <= q["simulated_pauc"] <= 0.2
+    x = np.random.default_rng(0).normal(size=(6, 3, 32, 32)).astype(np.float32)
+    fp32 = OnnxStudent.load(out).logits(x)
+    np.testing.assert_allclose(simulated_logits(out / FP32_FILE, x), fp32, atol=1e-5)
+    assert np.abs(simulated_logits(out / INT8_FILE, x) - fp32).max() > 0  # the QDQ nodes do round
 
 
 def test_preprocessing_json_reproduces_the_training_input(exported: tuple[Path, Path, Path, dict]) -> None:

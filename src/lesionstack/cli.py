@@ -512,7 +512,12 @@ def export_cmd(
     ] = None,
     calibration_crops: Annotated[int, typer.Option(help="Training crops that calibrate the int8 model.")] = 300,
     int8_recipe: Annotated[str, typer.Option(help="s8s8: signed int8 activations (fast on phones and VNNI CPUs); "
-                                                  "u8s8: unsigned (fast on AVX2-only x86).")] = "s8s8",
+                                                  "u8s8: unsigned (fast on AVX2-only x86); a16w8: 16-bit "
+                                                  "activations, int8 weights (accurate; QNN HTP).")] = "s8s8",
+    int8_weight_bits: Annotated[
+        Optional[int], typer.Option(help="7 (default with 8-bit activations): correct on every CPU; 8: full "  # noqa: UP045
+                                         "range, for phones, VNNI CPUs and a16w8 (its default; README, Export).")
+    ] = None,
 ) -> None:
     """Export a distilled student to ONNX (fp32, optional int8) with its preprocessing; check parity and pAUC."""
     from lesionstack.inference.export import export_student
@@ -520,7 +525,8 @@ def export_cmd(
 
     out = out or ArtifactPaths(artifacts_dir).export_dir
     r = export_student(_run_data_dir(artifacts_dir, data), artifacts_dir, out, name=student, fold=fold, int8=int8,
-                       calibration_crops=calibration_crops, int8_recipe=int8_recipe)
+                       calibration_crops=calibration_crops, int8_recipe=int8_recipe,
+                       int8_weight_bits=int8_weight_bits)
     typer.echo(f"{r['student']} fold {fold} ({r['classifier']}, {r['image_size']} px) via the "
                f"{r['export']['exporter']} exporter, opset {r['export']['opset']}")
     typer.echo(f"  torch pAUC {r['torch']['pauc']:.4f} on {r['n_val']} validation crops (no TTA)")
@@ -528,8 +534,11 @@ def export_cmd(
     typer.echo(f"  fp32  pAUC {r['fp32']['pauc']:.4f}, max |logit diff| vs torch {diff:.1e}, "
                f"{r['fp32']['bytes'] / 1e6:.2f} MB")
     if int8:
-        typer.echo(f"  int8  pAUC {r['int8']['pauc']:.4f} ({r['int8']['pauc_minus_fp32']:+.4f} vs fp32), "
-                   f"{r['int8']['bytes'] / 1e6:.2f} MB, {int8_recipe}")
+        q = r["int8"]
+        typer.echo(f"  int8  pAUC {q['pauc']:.4f} ({q['pauc_minus_fp32']:+.4f} vs fp32), logit corr with fp32 "
+                   f"{q['logit_corr_with_fp32']:.3f}, {q['bytes'] / 1e6:.2f} MB, {int8_recipe}, "
+                   f"{q['weight_bits']}-bit weights ({'within' if q['within_tolerance'] else 'OUTSIDE'} the "
+                   f"0.005 tolerance)")
     typer.echo(f"-> {out}")
 
 

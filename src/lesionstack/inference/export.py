@@ -22,6 +22,7 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -118,12 +119,17 @@ class OnnxStudent:
 
     def logits(self, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
         """Logits of preprocessed (B, 3, S, S) float32 input."""
-        parts = [self.session.run(["logit"], {"image": x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
-        return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
+        return batched_logits(self.session, x, batch_size)
 
     def score_crops(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """(B,) probabilities of (H, W, 3) uint8 RGB crops of any size."""
         return 1.0 / (1.0 + np.exp(-self.logits(preprocess(crops, self.spec))))
+
+
+def batched_logits(sess: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """An ONNX Runtime session's `logit` output over `x`, `batch_size` rows at a time, as float64."""
+    parts = [sess.run(["logit"], {"image": x[i:i + batch_size]})[0] for i in range(0, len(x), batch_size)]
+    return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
 
 
 def session(path: Path, threads: int, ort: Any = None) -> Any:
@@ -220,31 +226,61 @@ class CropReader:
         pass
 
 
-# int8 recipes: activation type of the QDQ model (weights are always signed int8, per channel). S8S8 is ONNX
-# Runtime's default and what phones (ARMv8.2 dot-product) and VNNI CPUs run fast; U8S8 is what x86 CPUs
-# without VNNI (AVX2 only, like the development box) run fast, at some risk of accuracy (README, Export).
-INT8_RECIPES = ("s8s8", "u8s8")
+# int8 recipes: the activation type of the QDQ model (weights are always signed int8, per channel). S8S8 is ONNX
+# Runtime's default and what phones (ARMv8.2 dot-product) and VNNI CPUs run fast; U8S8 is what x86 CPUs without
+# VNNI (AVX2 only, like the development box) run fast. A16W8 keeps int8 weights (the file is as small) but
+# 16-bit activations: 8-bit activations cost these small students' logits 0.03-0.07 correlation with fp32 (README,
+# Export); Qualcomm's QNN HTP and Arm's TOSA int16 profile run it natively, ONNX Runtime's CPU provider in float.
+INT8_RECIPES = ("s8s8", "u8s8", "a16w8")
+# Weights are quantised to 7 bits by default for the 8-bit activation recipes. x86 int8 kernels without VNNI
+# (AVX2, AVX-512F: the development box) multiply u8 x s8 pairs with vpmaddubsw, whose int16 sum saturates when
+# both operands are near full range: the students' int8 logits correlated 0.09-0.74 with fp32 where the same QDQ
+# model computed without saturation gave 0.93-0.97, and the check lost up to 0.044 pAUC. 7-bit weights cannot
+# overflow it (ONNX Runtime's `reduce_range`, OpenVINO's documented workaround). Phones (ARM dot-product), VNNI
+# CPUs and A16W8 accumulate without that int16 step: 8 bits is safe there (`weight_bits=8`).
+WEIGHT_BITS = (7, 8)
+ACTIVATIONS = {"s8s8": "int8 activations", "u8s8": "uint8 activations", "a16w8": "uint16 activations"}
 
 
-def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, recipe: str = "s8s8") -> Path:
-    """Static QDQ int8 quantisation, per-channel weights, MinMax calibration; `recipe` s8s8 (signed int8
-    activations, the default) or u8s8 (unsigned activations). See the README's Export section for what each
-    costs on which CPU: S8S8 kernels are fast only with VNNI or ARM dot-product instructions."""
+def default_weight_bits(recipe: str) -> int:
+    return 8 if recipe == "a16w8" else 7
+
+
+def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, recipe: str = "s8s8",
+                  weight_bits: int | None = None) -> Path:
+    """Static QDQ quantisation, per-channel int8 weights, MinMax calibration; `recipe` s8s8 (signed int8
+    activations, the default), u8s8 (unsigned) or a16w8 (16-bit activations); `weight_bits` 7 (the default with
+    8-bit activations: correct on every CPU) or 8 (full range). See the README's Export section."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     if recipe not in INT8_RECIPES:
         raise ValueError(f"int8 recipe must be one of {INT8_RECIPES}, got {recipe!r}")
-    activations = QuantType.QInt8 if recipe == "s8s8" else QuantType.QUInt8
+    weight_bits = weight_bits or default_weight_bits(recipe)
+    if weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"int8 weight bits must be one of {WEIGHT_BITS}, got {weight_bits!r}")
+    activations = {"s8s8": QuantType.QInt8, "u8s8": QuantType.QUInt8, "a16w8": QuantType.QUInt16}[recipe]
     prepared = out.with_name(out.stem + ".pre.onnx")
     try:
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=False)
         quantize_static(str(prepared), str(out), CropReader(calibration), quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=activations, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        per_channel=True, reduce_range=weight_bits == 7, activation_type=activations,
+                        weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
     finally:
         prepared.unlink(missing_ok=True)
     return out
+
+
+def simulated_logits(path: Path, x: np.ndarray) -> np.ndarray:
+    """Logits of a QDQ model computed as its quantise/dequantise arithmetic says, in float (ONNX Runtime's graph
+    optimisations off, so no int8 kernel runs): what any int8 CPU without saturation computes, up to float
+    rounding. Compared with the kernels' logits it tells quantisation error from kernel saturation."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return batched_logits(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), x)
 
 
 def load_crops(dataset: Any, indices: Sequence[int]) -> list[np.ndarray]:
@@ -254,7 +290,7 @@ def load_crops(dataset: Any, indices: Sequence[int]) -> list[np.ndarray]:
 
 def export_student(data_dir: str | os.PathLike[str], artifacts: str | os.PathLike[str], out: str | os.PathLike[str],
                    name: str | None = None, fold: int = 0, int8: bool = False, calibration_crops: int = 300,
-                   seed: int = 0, int8_recipe: str = "s8s8") -> dict[str, Any]:
+                   seed: int = 0, int8_recipe: str = "s8s8", int8_weight_bits: int | None = None) -> dict[str, Any]:
     """Export student NAME's fold model to OUT; check it; returns (and writes) export.json."""
     import torch
 
@@ -290,32 +326,55 @@ def export_student(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
         raise ExportError(f"{out / FP32_FILE}: max |logit diff| vs torch {report['fp32']['max_abs_diff_vs_torch']:.2e}"
                           f" on the validation crops of fold {fold} (tolerance {PARITY_TOL})")
     if int8:
-        report["int8"] = _int8(out, spec, x_val, y, train, images, size, calibration_crops, seed, int8_recipe)
-        report["int8"]["pauc_minus_fp32"] = diff = report["int8"]["pauc"] - report["fp32"]["pauc"]
-        report["int8"]["within_tolerance"] = abs(diff) <= INT8_PAUC_TOL
-        if not report["int8"]["within_tolerance"]:
-            log.warning("int8 pAUC differs from fp32 by %+.4f (tolerance %.3f): prefer %s", diff, INT8_PAUC_TOL,
-                        FP32_FILE)
+        options = Int8Options(int8_recipe, int8_weight_bits, calibration_crops, seed)
+        calibration = calibration_input(CropDataset(images, train[ID_COLUMN], train[TARGET_COLUMN], size), spec,
+                                        options)
+        report["int8"] = _int8(out, x_val, y, fp32_logits, calibration, options)
     write_json(out / PREPROCESS_FILE, spec)
     write_json(out / REPORT_FILE, report)
     return report
 
 
-def _int8(out: Path, spec: dict[str, Any], x_val: np.ndarray, y: np.ndarray, train: Any, images: Path,
-          image_size: int, n_calib: int, seed: int, recipe: str = "s8s8") -> dict[str, Any]:
-    """Quantise with crops of the training rows (never the validation fold it is checked on)."""
-    from lesionstack.data.dataset import CropDataset
-    from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
+@dataclass(frozen=True)
+class Int8Options:
+    recipe: str = "s8s8"  # INT8_RECIPES
+    weight_bits: int | None = None  # WEIGHT_BITS; None: default_weight_bits(recipe)
+    calibration_crops: int = 300
+    seed: int = 0
+
+
+def calibration_input(train: Any, spec: dict[str, Any], options: Int8Options) -> np.ndarray:
+    """Preprocessed crops of the training rows (never the validation fold the int8 model is checked on)."""
+    n = min(options.calibration_crops, len(train))
+    pick = np.sort(np.random.default_rng(options.seed).choice(len(train), size=n, replace=False))
+    return preprocess(load_crops(train, pick), spec)
+
+
+def _int8(out: Path, x_val: np.ndarray, y: np.ndarray, fp32_logits: np.ndarray, calibration: np.ndarray,
+          options: Int8Options) -> dict[str, Any]:
+    """Quantise, then score the validation crops with this CPU's int8 kernels and with the QDQ arithmetic
+    simulated in float; the check is the kernels' pAUC against fp32's."""
     from lesionstack.metrics import pauc
 
-    ds = CropDataset(images, train[ID_COLUMN], train[TARGET_COLUMN], image_size)
-    pick = np.sort(np.random.default_rng(seed).choice(len(ds), size=min(n_calib, len(ds)), replace=False))
-    quantize_int8(out / FP32_FILE, out / INT8_FILE, preprocess(load_crops(ds, pick), spec), recipe)
-    logits = OnnxStudent(session(out / INT8_FILE, 1), spec, out / INT8_FILE).logits(x_val)
-    return {"pauc": pauc(y, logits), "bytes": (out / INT8_FILE).stat().st_size, "calibration_crops": len(pick),
-            "calibration_rows": "training folds of the exported fold",
-            "recipe": recipe, "format": f"QDQ, per-channel int8 weights, {'u' if recipe == 'u8s8' else ''}int8 "
-                                        "activations"}
+    bits = options.weight_bits or default_weight_bits(options.recipe)
+    path = quantize_int8(out / FP32_FILE, out / INT8_FILE, calibration, options.recipe, bits)
+    logits = batched_logits(session(path, 1), x_val)
+    simulated = simulated_logits(path, x_val)
+    fp32_pauc = pauc(y, fp32_logits)
+    report = {"pauc": pauc(y, logits), "pauc_minus_fp32": pauc(y, logits) - fp32_pauc,
+              "logit_corr_with_fp32": float(np.corrcoef(logits, fp32_logits)[0, 1]),
+              "simulated_pauc": pauc(y, simulated),
+              "simulated_logit_corr_with_fp32": float(np.corrcoef(simulated, fp32_logits)[0, 1]),
+              "bytes": path.stat().st_size, "calibration_crops": len(calibration),
+              "calibration_rows": "training folds of the exported fold", "recipe": options.recipe,
+              "weight_bits": bits,
+              "format": f"QDQ, per-channel {bits}-bit weights (int8), {ACTIVATIONS[options.recipe]}"}
+    report["within_tolerance"] = abs(report["pauc_minus_fp32"]) <= INT8_PAUC_TOL
+    if not report["within_tolerance"]:
+        log.warning("int8 pAUC differs from fp32 by %+.4f (tolerance %.3f; the QDQ arithmetic without this CPU's "
+                    "kernels: %+.4f): prefer %s, or try --int8-recipe a16w8 (16-bit activations)",
+                    report["pauc_minus_fp32"], INT8_PAUC_TOL, report["simulated_pauc"] - fp32_pauc, FP32_FILE)
+    return report
 
 
 def only_student(artifacts: Path) -> str:

@@ -360,5 +360,8 @@ def _export_part(report: dict[str, Any], fmt: Any) -> list[str]:
     if int8:
         note += (f" int8 vs fp32 pAUC {int8['pauc_minus_fp32']:+.4f} "
                  f"({'within' if int8['within_tolerance'] else 'outside'} the 0.005 check).")
+        if "logit_corr_with_fp32" in int8:  # exports before the int8 diagnostics lack it
+            note += (f" int8 logits correlate {int8['logit_corr_with_fp32']:.3f} with fp32 "
+                     f"({int8['simulated_logit_corr_with_fp32']:.3f} with the QDQ arithmetic simulated in float).")
     return ["<h3>Exported phone model (lesionstack export)</h3>",
             h.table(["Model", "pAUC (fold val)", "file MB"], rows), h.paragraph(note)]
