@@ -11,9 +11,9 @@ size, and returns `logit` and `probability` (B,).
 The exporter: torch's dynamo exporter first; its output is compared with torch on real crops (it has had
 wrong-output bugs), and the TorchScript exporter is used instead when the two differ by more than the
 tolerance or the export fails. The int8 model is ONNX Runtime's static QDQ quantisation, per channel
-(int8 activations and weights), calibrated on a few hundred crops of the fold's training rows (dynamic
-quantisation barely shrinks a conv net: its cost is in the convolutions' activations). The student is
-scored without flip TTA here, as on a phone.
+(int8 activations, int8 weights using 7 bits: see WEIGHT_BITS; or 16-bit activations, `a16w8`), calibrated
+on a few hundred crops of the fold's training rows (dynamic quantisation barely shrinks a conv net: its cost
+is in the convolutions' activations). The student is scored without flip TTA here, as on a phone.
 """
 
 from __future__ import annotations
