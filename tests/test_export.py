@@ -57,7 +57,7 @@ def test_int8_is_smaller_and_as_accurate(exported: tuple[Path, Path, Path, dict]
     assert report["int8"]["bytes"] < report["fp32"]["bytes"]
 
 
-def test_the_u8s8_and_a16w8_recipes_quantise_activations_as_named(exported: tuple[Path, Path, Path, dict], tmp_path) -> None:
+def test_the_u8s8_and_a16w8_recipes_quantise_activations_as_named(exported, tmp_path) -> None:
     root, art, out, _ = exported
     folds = read_folds(Path(art) / "folds.csv")
     ds = CropDataset(root / "train-image.hdf5", folds["isic_id"][:8], None, 32)

@@ -54,6 +54,7 @@ def test_train_oof_rerun_and_config_check(ham, tmp_path):
     probs = oof[[c for c in oof.columns if c.startswith("prob_")]].to_numpy()
     assert probs.shape[1] == 7 and np.allclose(probs.sum(1), 1.0)
     assert 0 <= summary["balanced_accuracy"] <= 1 and len(summary["confusion_matrix"]) == 7
+    assert cfg.keep == "last" and "nothing was picked" in read_json(art.diagnosis_cv)["selection"]
     assert np.array(summary["confusion_matrix"]).sum() == len(oof)
     for k in (0, 1):
         files = art.diagnosis_fold(k)
@@ -64,6 +65,15 @@ def test_train_oof_rerun_and_config_check(ham, tmp_path):
     with pytest.raises(ConfigError, match="lr"):
         stage.train_diagnosis(ham, load_diagnosis_config(REPO / "configs/diagnosis/demo.yaml", **{**TINY, "lr": 0.1}),
                               out)
+
+
+def test_keep_best_says_its_oof_figures_are_optimistic(ham, tmp_path, caplog):
+    """keep: best picks each fold's epoch on the fold it scores: allowed, but warned and written in cv.json."""
+    cfg = load_diagnosis_config(REPO / "configs" / "diagnosis" / "demo.yaml", **{**TINY, "keep": "best"})
+    assert "optimistic" in caplog.text
+    stage.train_diagnosis(ham, cfg, tmp_path / "art")
+    assert "optimistic" in read_json(ArtifactPaths(tmp_path / "art").diagnosis_cv)["selection"]
+    assert load_diagnosis_config(REPO / "configs" / "diagnosis" / "default.yaml").keep == "last"
 
 
 def _predictor_matches_the_oof(out: Path, ham: Path, oof: pd.DataFrame) -> None:

@@ -8,8 +8,9 @@ written once (`diagnosis/folds.csv`) and every fold model is checked against the
 
 The network is the gated model of the CNN stage with a K-way softmax head (`model.gate: none` for a plain
 timm classifier). The rare classes are weighted in the cross-entropy (balance: weights, by inverse class
-frequency) or drawn as often as the common ones (balance: sampler), and each fold keeps the epoch of best
-validation balanced accuracy (keep: best) or its last (keep: last).
+frequency) or drawn as often as the common ones (balance: sampler), and each fold keeps its last epoch (keep:
+last, the default) or the epoch of best balanced accuracy on the fold it then scores (keep: best; cv.json
+then says its OOF figures are optimistic).
 
 Per fold folder (`ArtifactPaths.diagnosis_fold(k)`): `config.yaml` (written first), `inputs.json` (fold
 file and classes), `checkpoint.pt` (after each epoch, removed at the end; never leaves the machine),
@@ -96,7 +97,7 @@ class DiagnosisConfig:
     epoch_size: int | None = None  # images drawn per epoch; None: as many as the fold's training rows
     label_smoothing: float = 0.0
     patience: int = 3  # validations without a better balanced accuracy before stopping (keep: best)
-    keep: str = "best"  # best: the epoch of best fold balanced accuracy; last: the final epoch
+    keep: str = "last"  # last: the final epoch; best: the epoch of best balanced accuracy on the scored fold
     tta_hflip: bool = True  # OOF probabilities: mean logits of the image and its mirror
     seed: int = 42
     num_workers: int = 2
@@ -112,6 +113,9 @@ class DiagnosisConfig:
             raise ConfigError(f"diagnosis balance must be one of {BALANCE}, got {self.balance!r}")
         if self.keep not in ("best", "last"):
             raise ConfigError(f"diagnosis keep must be 'best' or 'last', got {self.keep!r}")
+        if self.keep == "best":
+            log.warning("diagnosis keep: best picks each fold's epoch on the fold it scores: the OOF figures "
+                        "will be optimistic (cv.json says so); keep: last does not")
 
 
 def load_diagnosis_config(path: str | os.PathLike[str] | None = None,
@@ -335,9 +339,14 @@ def write_oof(data: DiagnosisData, folds: pd.DataFrame, cfg: DiagnosisConfig, ar
         oof.to_parquet(tmp, index=False)
     summary = summarise(oof, data.classes)
     summary.update(layout=data.layout, group_kind=data.group_kind, labels_file=str(data.labels_file),
-                   image_size=cfg.image_size)
+                   image_size=cfg.image_size, selection=SELECTION[cfg.keep])
     write_json(art.diagnosis_cv, summary)
     return summary
+
+
+SELECTION = {"last": "the last epoch of every fold: nothing was picked on the fold it scores",
+             "best": "keep: best picked each fold's epoch on the fold it then scores: these OOF figures are "
+                     "optimistic"}
 
 
 def summarise(oof: pd.DataFrame, classes: Sequence[str]) -> dict[str, Any]:
