@@ -6,12 +6,13 @@ is what the GBDT stacker needs. Nothing is chosen on fold k: `keep: last` scores
 (validation on fold k is monitoring only), `keep: best_inner` picks the epoch on an inner split of the
 training folds.
 
-Per fold folder (`ArtifactPaths.cnn_fold(k)`): `config.yaml` and `inputs.json` (written first: digests of
-the fold file with its labels and of the training crops), `checkpoint.pt` (after each epoch, removed at the
-end), `model.safetensors` (the kept weights; portable, no pickle), `metrics.json`, and `DONE` (written
-last). A rerun skips DONE folds, resumes a killed fold from its checkpoint, and refuses a fold made by another
-config or from other inputs (`resume.guard`). The scores are rescored, not refused, when what they were
-scored from changed (`cnn/scores_inputs.json`: fold models, fold file, training and test crops, test ids).
+Per fold folder (`ArtifactPaths.cnn_fold(k)`): `config.yaml` and `inputs.json` (written first: digests of the
+fold file with its labels and of the training crops), `checkpoint.pt` (after each epoch, removed at the end),
+`model.safetensors` (the kept weights, or with `ema_decay` their moving average; portable, no pickle),
+`metrics.json`, and `DONE` (written last). A rerun skips DONE folds, resumes a killed fold from its
+checkpoint, and refuses a fold made by another config or from other inputs (`resume.guard`). The scores are
+rescored, not refused, when what they were scored from changed (`cnn/scores_inputs.json`: fold models, fold
+file, training and test crops, test ids).
 
 Under `torchrun --nproc_per_node N` the same code trains with DistributedDataParallel: each rank takes a
 strided shard of the epoch's draw and of the lesions to score, scores are gathered on every rank (so all
@@ -20,6 +21,7 @@ ranks compute the same pAUC and agree on early stopping), and rank 0 alone write
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -135,6 +137,9 @@ class CNNConfig:
     # auxiliary diagnosis heads trained beside the malignancy logit (`train.aux_heads`); null: off. Sets
     # model.aux_outputs (the head's extra outputs), so the saved fold config rebuilds the head.
     aux_diagnosis: AuxDiagnosisConfig | None = None
+    # score and save an exponential moving average of the weights (decay per optimiser step: horizon about
+    # 1 / (1 - decay) steps) instead of the final step's noisy weights; null: off. See `WeightEMA`.
+    ema_decay: float | None = None
     seed: int = 42
     num_workers: int = 2
     cpu_threads: int = 0  # torch threads on CPU; 0 keeps torch's default (1 is faster on a busy machine)
@@ -161,6 +166,8 @@ class CNNConfig:
         if self.untrained_segmenter not in UNTRAINED_SEGMENTER:
             raise ConfigError(f"cnn untrained_segmenter must be one of {UNTRAINED_SEGMENTER}, "
                               f"got {self.untrained_segmenter!r}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"cnn ema_decay must be null or in (0, 1), got {self.ema_decay}")
         if self.val_max_negatives is not None and self.val_max_negatives < 1:
             raise ConfigError(f"cnn val_max_negatives must be null or >= 1, got {self.val_max_negatives}")
         if self.model.aux_outputs != aux_outputs(self.aux_diagnosis):  # derived, never set by hand
@@ -233,11 +240,46 @@ def optimiser_step(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, s
     sched.step()
 
 
+class WeightEMA:
+    """An exponential moving average of a model's weights, updated after every optimiser step.
+
+    The decay warms up as min(decay, 1 - 1/t) at step t: the first step copies the weights (random init gets
+    no weight), then a plain running mean until the average spans 1 / (1 - decay) steps. timm's
+    min(decay, (1 + t) / (10 + t)) caps the horizon at about t / 9 steps instead: on the demo's ~290 steps a
+    fold would never reach a decay of 0.99, and the configured value would hardly matter.
+    Floating buffers (BatchNorm running statistics) are averaged too, as timm's ModelEmaV3 does: the averaged
+    weights' activations are near the recent models' average, which averaged statistics describe better than
+    the last model's; integer buffers (num_batches_tracked) are copied.
+    """
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay, self.steps = decay, 0
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.steps += 1
+        weight = 1.0 - min(self.decay, 1.0 - 1.0 / self.steps)  # of the new weights
+        for averaged, now in zip(self.module.state_dict().values(), model.state_dict().values(), strict=True):
+            if averaged.is_floating_point():
+                averaged.lerp_(now, weight)
+            else:
+                averaged.copy_(now)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps, "module": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = state["steps"]
+        self.module.load_state_dict(state["module"])
+
+
 def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, rt: Runtime,
                 augment: AugmentConfig, gen: torch.Generator, desc: str,
-                loss_fn: LossFn | None = None) -> tuple[float, float]:
-    """One pass over the epoch's draw; returns (mean train loss over all ranks, images/s over all ranks)."""
+                loss_fn: LossFn | None = None, ema: WeightEMA | None = None) -> tuple[float, float]:
+    """One pass over the epoch's draw (`ema`: averaged after each step); returns (mean train loss over all
+    ranks, images/s over all ranks)."""
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
     bar = rt.bar(loader, desc)
@@ -257,6 +299,8 @@ def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt:
         else:
             loss = loss_fn(logits.float(), y, batch.index.to(rt.device, non_blocking=True))
         optimiser_step(loss, opt, sched, scaler)
+        if ema is not None:
+            ema.update(unwrap(model))
         total += float(loss.detach()) * len(y)
         count += len(y)
         bar.set_postfix(loss=f"{total / max(count, 1):.4f}")
@@ -349,7 +393,9 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(steps * cfg.epochs, int(cfg.warmup_epochs * steps), cfg.min_lr_ratio))
     scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
-    state = resume(files, model, opt, sched, scaler, fold)
+    ema = WeightEMA(model, cfg.ema_decay) if cfg.ema_decay is not None else None
+    state = resume(files, model, opt, sched, scaler, fold, ema=ema)
+    scored = model if ema is None else ema.module  # what validation watches and model.safetensors holds
     net: nn.Module = model
     if rt.ctx.active:
         ids = [rt.ctx.local_rank] if rt.device.type == "cuda" else None
@@ -365,20 +411,20 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
         lr = opt.param_groups[0]["lr"]
         desc = f"fold {fold} epoch {epoch + 1}/{cfg.epochs}"
         train_loss, ips = train_epoch(net, loader, train_ds, opt, sched, scaler, rt, cfg.augment, gen, desc,
-                                      loss_fn)
+                                      loss_fn, ema)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": None,
                                "val_pauc": None, "val_auc": None, "images_per_s": ips, "lr": lr}
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
-            sync_buffers(model, rt.ctx)
+            sync_buffers(scored, rt.ctx)
             # per-epoch validation without TTA (half the cost); the final OOF scores use it
-            val_logits = predict_logits(model, val_ds, rt, desc=f"fold {fold} val", tta=False)
+            val_logits = predict_logits(scored, val_ds, rt, desc=f"fold {fold} val", tta=False)
             row.update(evaluate(val_logits, val_ds.labels))
-            update_best(state, row, model, files, rt.ctx, cfg.keep)
+            update_best(state, row, scored, files, rt.ctx, cfg.keep)
         state.history.append(row)
         state.epoch = epoch + 1
         log_epoch(fold, row, state, rt.ctx)
         if rt.ctx.is_main:
-            save_torch(checkpoint_dict(model, opt, sched, scaler, state), files.checkpoint)
+            save_torch(checkpoint_dict(model, opt, sched, scaler, state, ema), files.checkpoint)
         barrier(rt.ctx)
         if on_epoch_end is not None:
             on_epoch_end(fold, state.epoch)
@@ -432,16 +478,19 @@ def log_epoch(fold: int, row: dict[str, Any], state: FoldState, ctx: DistContext
 
 
 def checkpoint_dict(model: nn.Module, opt: torch.optim.Optimizer, sched: Any, scaler: torch.amp.GradScaler,
-                    state: FoldState) -> dict[str, Any]:
-    return {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                    state: FoldState, ema: WeightEMA | None = None) -> dict[str, Any]:
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict(), "state": dataclasses.asdict(state),
             "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}}
+    return ckpt if ema is None else {**ckpt, "ema": ema.state_dict()}
 
 
 def resume(files: FoldFiles, model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
-           scaler: torch.amp.GradScaler, fold: int, state_cls: type = FoldState, what: str = "fold") -> Any:
-    """Restore a killed fold from its last checkpoint, or start a fresh state (`state_cls`: the stage's own
-    progress record, e.g. the diagnosis stage's; `what` names the fold in the log)."""
+           scaler: torch.amp.GradScaler, fold: int, state_cls: type = FoldState, what: str = "fold",
+           ema: WeightEMA | None = None) -> Any:
+    """Restore a killed fold from its last checkpoint (and `ema`, the weight average), or start a fresh state
+    (`state_cls`: the stage's own progress record, e.g. the diagnosis stage's; `what` names the fold in the
+    log)."""
     if not files.checkpoint.exists():
         return state_cls()
     ckpt = torch.load(files.checkpoint, map_location="cpu", weights_only=False)  # our own local file
@@ -449,6 +498,8 @@ def resume(files: FoldFiles, model: nn.Module, opt: torch.optim.Optimizer, sched
     opt.load_state_dict(ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
+    if ema is not None:  # ema_decay is compared by the resume guard, so an EMA run's checkpoint holds one
+        ema.load_state_dict(ckpt["ema"])
     state = state_cls(**ckpt["state"])
     log.info("%s %d: resuming after epoch %d from %s", what, fold, state.epoch, files.checkpoint)
     return state
