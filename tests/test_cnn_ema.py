@@ -35,24 +35,53 @@ def crash(fold: int, epoch: int) -> None:
     raise Crash(f"killed after epoch {epoch}")
 
 
+class Net(nn.Module):
+    """weight * x, then a BatchNorm that trains and one that stays frozen (as a frozen segmenter's does)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear, self.norm, self.frozen = nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1), nn.BatchNorm1d(1)
+
+    def train(self, mode: bool = True) -> Net:
+        super().train(mode)
+        self.frozen.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.frozen(self.norm(self.linear(x)))
+
+
 def test_average_copies_the_first_step_then_runs_a_mean_until_its_horizon() -> None:
-    net = nn.Sequential(nn.Linear(1, 1, bias=False), nn.BatchNorm1d(1))
-    ema = WeightEMA(net, decay=0.75)  # horizon 1 / (1 - 0.75) = 4 steps
-    weight, bn = net[0].weight, net[1]
+    net = Net()
+    ema = WeightEMA(net, decay=0.75, images=lambda: [])  # horizon 1 / (1 - 0.75) = 4 steps
     expected = None
     for step, value in enumerate([8.0, 4.0, 0.0, 4.0, 12.0], start=1):
         with torch.no_grad():
-            weight.fill_(value)
-            bn.running_mean.fill_(value)
-            bn.num_batches_tracked.fill_(10 * step)
+            net.linear.weight.fill_(value)
         ema.update(net)
         # steps 1-4: mean of all steps so far (random init gets no weight); then 0.75 * before + 0.25 * now
         expected = value if expected is None else expected + (value - expected) * max(1 / step, 0.25)
-        assert ema.module[0].weight.item() == pytest.approx(expected)
-        assert ema.module[1].running_mean.item() == pytest.approx(expected)  # float buffers: averaged
-        assert ema.module[1].num_batches_tracked.item() == 10 * step  # integer buffers: copied
+        assert ema.module.linear.weight.item() == pytest.approx(expected)
     assert expected == pytest.approx(0.75 * 4.0 + 0.25 * 12.0)
     assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def test_batchnorm_statistics_are_recomputed_for_the_averaged_weights() -> None:
+    net = Net()
+    with torch.no_grad():
+        net.frozen.running_mean.fill_(5.0)
+        net.linear.weight.fill_(3.0)
+    batches = [torch.tensor([[1.0], [3.0]]), torch.tensor([[5.0], [7.0]])]
+    ema = WeightEMA(net, decay=0.9, images=lambda: batches)
+    ema.update(net)
+    with torch.no_grad():
+        net.norm.running_mean.fill_(-1.0)  # the trained model's statistics describe its own weights, not these
+    ema.refresh_batchnorm()
+    assert ema.module.norm.running_mean.item() == pytest.approx(3.0 * 4.0)  # 3 * the mean of the crops
+    assert ema.module.norm.running_var.item() == pytest.approx(9.0 * 2.0)  # 9 * each batch's unbiased var
+    assert ema.module.norm.momentum == net.norm.momentum
+    assert ema.module.frozen.running_mean.item() == 5.0  # a frozen part's statistics stay as loaded
+    assert not ema.module.training
 
 
 def test_ema_decay_outside_0_1_is_refused() -> None:
