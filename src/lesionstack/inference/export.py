@@ -132,14 +132,17 @@ def batched_logits(sess: Any, x: np.ndarray, batch_size: int = 64) -> np.ndarray
     return np.concatenate(parts).astype(np.float64) if parts else np.empty(0)
 
 
-def session(path: Path, threads: int, ort: Any = None) -> Any:
-    """An ONNX Runtime CPU session with `threads` intra-op threads (1: one core, as on a phone's little core)."""
+def session(path: Path, threads: int, ort: Any = None, optimize: bool = True) -> Any:
+    """An ONNX Runtime CPU session with `threads` intra-op threads (1: one core, as on a phone's little core);
+    `optimize=False` turns graph optimisations off (see `simulated_logits`)."""
     if ort is None:
         import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.log_severity_level = 3
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
@@ -275,12 +278,7 @@ def simulated_logits(path: Path, x: np.ndarray) -> np.ndarray:
     """Logits of a QDQ model computed as its quantise/dequantise arithmetic says, in float (ONNX Runtime's graph
     optimisations off, so no int8 kernel runs): what any int8 CPU without saturation computes, up to float
     rounding. Compared with the kernels' logits it tells quantisation error from kernel saturation."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.log_severity_level = 1, 3
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return batched_logits(ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"]), x)
+    return batched_logits(session(path, threads=1, optimize=False), x)
 
 
 def load_crops(dataset: Any, indices: Sequence[int]) -> list[np.ndarray]:
@@ -360,8 +358,8 @@ def _int8(out: Path, x_val: np.ndarray, y: np.ndarray, fp32_logits: np.ndarray, 
     path = quantize_int8(out / FP32_FILE, out / INT8_FILE, calibration, options.recipe, bits)
     logits = batched_logits(session(path, 1), x_val)
     simulated = simulated_logits(path, x_val)
-    fp32_pauc = pauc(y, fp32_logits)
-    report = {"pauc": pauc(y, logits), "pauc_minus_fp32": pauc(y, logits) - fp32_pauc,
+    fp32_pauc, int8_pauc = pauc(y, fp32_logits), pauc(y, logits)
+    report = {"pauc": int8_pauc, "pauc_minus_fp32": int8_pauc - fp32_pauc,
               "logit_corr_with_fp32": float(np.corrcoef(logits, fp32_logits)[0, 1]),
               "simulated_pauc": pauc(y, simulated),
               "simulated_logit_corr_with_fp32": float(np.corrcoef(simulated, fp32_logits)[0, 1]),
