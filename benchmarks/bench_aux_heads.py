@@ -31,14 +31,14 @@ import torch
 
 from lesionstack.config import config_from_dict, read_config_dict
 from lesionstack.data.dataset import CropDataset
-from lesionstack.data.diagnosis import LabelMap
+from lesionstack.data.diagnosis import LabelMap, read_iddx_classes
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.folds import read_folds
 from lesionstack.metrics import balanced_accuracy, pauc, roc_auc
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.report.stats import WeightedROC
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
-from lesionstack.train.aux_heads import AuxDiagnosisConfig, read_aux_labels
+from lesionstack.train.aux_heads import AuxDiagnosisConfig
 from lesionstack.train.cnn import CNNConfig, load_cnn_config, scoring_model, train_cnn
 
 
@@ -152,7 +152,7 @@ def main() -> None:
     args = parse_args()
     labels = config_from_dict(LabelMap, read_config_dict(args.labels)["labels"], where=f"{args.labels}: labels")
     aux = AuxDiagnosisConfig(weight=args.weight, labels=labels)
-    aux_labels = read_aux_labels(DataPaths(args.data_dir).train_metadata, aux)
+    aux_labels = read_iddx_classes(DataPaths(args.data_dir).train_metadata, aux.labels)
     summary: dict[str, Any] = {"data": str(args.data_dir), "folds": str(args.folds), "config": str(args.config),
                                "labels": str(args.labels), "weight": args.weight, "folds_only": args.folds_only,
                                "epochs": args.epochs}

@@ -60,17 +60,12 @@ def aux_outputs(cfg: AuxDiagnosisConfig | None) -> int:
     return 0 if cfg is None else len(cfg.labels.classes)
 
 
-def read_aux_labels(metadata: str | os.PathLike[str], cfg: AuxDiagnosisConfig) -> pd.Series:
-    """isic_id -> class index (NO_CLASS where the row has none) from `train-metadata.csv`'s iddx columns."""
-    return read_iddx_classes(metadata, cfg.labels)
-
-
 def attach_aux_classes(folds: pd.DataFrame, metadata: str | os.PathLike[str], cfg: AuxDiagnosisConfig
                        ) -> tuple[pd.DataFrame, dict[str, str]]:
     """The fold table with each row's class in column AUX_COLUMN (so it travels with the row into every
     fold's training rows, inner splits and worker processes included), and the fold-input record of those
     labels (`resume.guard` then refuses a fold trained on other diagnoses)."""
-    labels = read_aux_labels(metadata, cfg)
+    labels = read_iddx_classes(metadata, cfg.labels)  # isic_id -> class index, NO_CLASS where none
     missing = pd.Index(folds[ID_COLUMN]).difference(labels.index)
     if len(missing):
         raise DiagnosisDataError(f"{metadata}: no row for {len(missing)} lesion(s) of the fold file, e.g. "
