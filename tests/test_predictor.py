@@ -132,7 +132,8 @@ def test_an_undecodable_crop_is_nan_and_named(trained: tuple[Path, Path, CNNConf
         scores = p.score_hdf5(images).set_index("isic_id")["score"]
     assert "ISIC_9000002" in caplog.text and np.isnan(scores["ISIC_9000002"])
     clean = p.score_hdf5(root / "test-image.hdf5").set_index("isic_id")["score"]
-    np.testing.assert_allclose(scores.drop("ISIC_9000002"), clean.drop("ISIC_9000002"), rtol=0, atol=1e-12)
+    # float32 models: a batch one crop shorter may take other CPU kernels (seen on AVX-512: 1e-9 apart)
+    np.testing.assert_allclose(scores.drop("ISIC_9000002"), clean.drop("ISIC_9000002"), rtol=0, atol=1e-6)
     with pytest.raises(KeyError, match="ISIC_X"):
         p.score_hdf5(images, ids=["ISIC_X"])
 
