@@ -11,8 +11,8 @@ shows at a size, not a model (it knows the true mask and what the cue looks like
     python benchmarks/bench_demo_cue.py --seed 0                 # the default demo (writes it to a temp dir)
     python benchmarks/bench_demo_cue.py --data demo/data --seed 0  # an existing demo folder of that seed
 
-The lesion masks are re-rendered from the generator's per-row streams; the script checks that the re-rendered
-crops match the stored JPEGs before it trusts them.
+The lesion masks are re-rendered from the generator's per-row streams (`lesion_stream`); the script checks
+that the re-rendered crops match the stored JPEGs before it trusts them.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from PIL import Image
 
 from lesionstack.data.dataset import resize_square
 from lesionstack.data.hdf5 import H5Images
-from lesionstack.data.synthetic import DemoSpec, make_tables, render_lesion, write_demo_data
+from lesionstack.data.synthetic import DemoSpec, lesion_stream, make_tables, render_lesion, write_demo_data
 from lesionstack.metrics import pauc
 
 SIZES = (64, 48, 40, 32)
@@ -51,7 +51,7 @@ def measure(data: Path, spec: DemoSpec) -> dict[str, float]:
     readings: dict[str, list[float]] = {"full": [], **{f"{s} px": [] for s in SIZES}}
     worst = 0.0
     for i, isic_id in enumerate(tables.train["isic_id"]):
-        drawn, mask = render_lesion(render.iloc[i].to_dict(), np.random.default_rng([spec.seed, 1, i]))
+        drawn, mask = render_lesion(render.iloc[i].to_dict(), lesion_stream(spec.seed, i))
         stored = images.read(isic_id)
         worst = max(worst, float(np.abs(drawn.astype(np.float32) - stored).mean()))
         readings["full"].append(spot_blueness(stored, mask))

@@ -526,6 +526,12 @@ def _png(mask: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def lesion_stream(seed: int, row: int) -> np.random.Generator:
+    """The seeded stream `render_lesion` draws one crop with: `row` counts a split's rows in order, train
+    from 0 (so a crop can be drawn again, with its true mask, from `make_tables` alone)."""
+    return np.random.default_rng([seed, 1, row])
+
+
 def _render_chunk(task: tuple[int, int, dict[str, np.ndarray], int]) -> list[tuple[bytes, bytes | None]]:
     """Render rows [start, start + len) of one split; each row has its own seeded stream."""
     from threadpoolctl import threadpool_limits  # installed with scikit-learn
@@ -535,7 +541,7 @@ def _render_chunk(task: tuple[int, int, dict[str, np.ndarray], int]) -> list[tup
     with threadpool_limits(1):  # tiny matrix products: BLAS threads would cost 4x more than they save
         for i in range(len(cols["size_px"])):
             p = {name: values[i] for name, values in cols.items()}
-            img, mask = render_lesion(p, np.random.default_rng([seed, 1, start + i]))
+            img, mask = render_lesion(p, lesion_stream(seed, start + i))
             if p["dx_cue"]:  # its own stream: crops without a cue keep the bytes they had before cues existed
                 img = draw_cue(img, mask, CUES[p["dx_cue"]], np.random.default_rng([seed, 2, start + i]), width=2.0)
             out.append((_encode(img, quality), _png(mask) if p["write_mask"] else None))
