@@ -22,9 +22,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from lesionstack.data.dataset import resize_square
+from lesionstack.data.dataset import resize_mask, resize_square
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.synthetic import DemoSpec, lesion_stream, make_tables, render_lesion, write_demo_data
 from lesionstack.metrics import pauc
@@ -39,11 +38,6 @@ def spot_blueness(image: np.ndarray, mask: np.ndarray) -> float:
     return float(np.quantile(blue, 0.95) - np.median(blue)) if blue.size >= 3 else 0.0
 
 
-def resized_mask(mask: np.ndarray, size: int) -> np.ndarray:
-    small = Image.fromarray(mask.astype(np.uint8) * 255).resize((size, size), Image.Resampling.BILINEAR)
-    return np.asarray(small) > 127
-
-
 def measure(data: Path, spec: DemoSpec) -> dict[str, float]:
     tables = make_tables(spec)
     images = H5Images(data / "train-image.hdf5")
@@ -56,7 +50,7 @@ def measure(data: Path, spec: DemoSpec) -> dict[str, float]:
         worst = max(worst, float(np.abs(drawn.astype(np.float32) - stored).mean()))
         readings["full"].append(spot_blueness(stored, mask))
         for size in SIZES:
-            readings[f"{size} px"].append(spot_blueness(resize_square(stored, size), resized_mask(mask, size)))
+            readings[f"{size} px"].append(spot_blueness(resize_square(stored, size), resize_mask(mask, size)))
     if worst > 4.0:  # JPEG alone moves a crop by ~1 grey level on average
         raise SystemExit(f"{data}: the re-rendered crops differ from the stored ones (mean |diff| up to {worst:.1f}); "
                          f"is it the demo of --seed {spec.seed} and --patients {spec.patients}?")

@@ -82,6 +82,13 @@ def resize_square(array: np.ndarray, size: int) -> np.ndarray:
     return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR))
 
 
+def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:
+    """An (H, W) mask (bool, or uint8 0/255 as in ISIC's PNGs) resized like its crop (`resize_square`,
+    bilinear) to a (size, size) bool mask: a pixel is lesion when more than half of it was."""
+    grey = mask.astype(np.uint8) * 255 if mask.dtype == bool else mask
+    return resize_square(grey, size) > 127
+
+
 def collate_skip(items: list[Item]) -> Batch:
     """Stack items into a `Batch`, setting aside the crops that failed to decode."""
     kept = [item for item in items if item[0] is not None]

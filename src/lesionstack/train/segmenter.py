@@ -36,6 +36,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from lesionstack.data.augment import AugmentConfig, affine_matrices, colour_jitter, normalize, to_float
+from lesionstack.data.dataset import resize_mask, resize_square
 from lesionstack.files import read_json, write_json, write_text
 from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, save_segmenter
 from lesionstack.paths import ArtifactPaths
@@ -157,8 +158,8 @@ def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray,
             f"{mask_path}: mask is {mask_img.size[0]}x{mask_img.size[1]} but its image {image_path.name} is "
             f"{width}x{height}"
         )
-    image = np.asarray(Image.fromarray(rgb).resize((size, size), Image.BILINEAR))
-    mask = np.asarray(mask_img.resize((size, size), Image.BILINEAR)) > 127
+    image = resize_square(rgb, size)
+    mask = resize_mask(np.asarray(mask_img), size)
     return image, mask.astype(np.uint8)
 
 
