@@ -25,6 +25,7 @@ from lesionstack.train.segmenter import (
     augment_pair,
     dice_iou,
     find_pairs,
+    load_pair,
     split_indices,
     train_segmenter,
 )
@@ -156,6 +157,17 @@ def test_size_mismatch_names_the_mask(tmp_path: Path) -> None:
     Image.new("L", (20, 24)).save(folder / "ISIC_0000000_segmentation.png")
     with pytest.raises(MaskDataError, match=r"ISIC_0000000_segmentation.png: mask is 20x24 .* 24x24"):
         train_segmenter(folder, tmp_path / "out", load_config(SegConfig, None, **TINY), progress=False)
+
+
+def test_an_image_declaring_too_many_pixels_is_refused_before_decoding(tmp_path: Path) -> None:
+    folder = make_masks_folder(tmp_path / "m", n=1, size=24)
+    image = folder / "ISIC_0000000.jpg"
+    data = bytearray(image.read_bytes())
+    sof = data.index(b"\xff\xc0")  # baseline frame header: length (2), precision (1), height (2), width (2)
+    data[sof + 5:sof + 9] = (16384).to_bytes(2, "big") * 2  # 16,384 x 16,384: 268 megapixels
+    image.write_bytes(bytes(data))
+    with pytest.raises(MaskDataError, match=r"ISIC_0000000.jpg: 16384x16384 px is above .* bomb"):
+        load_pair(image, folder / "ISIC_0000000_segmentation.png", 32)
 
 
 def test_real_isic2018_layout_pairs_across_folders(tmp_path: Path) -> None:

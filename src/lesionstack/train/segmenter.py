@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 
 from lesionstack.data.augment import AugmentConfig, affine_matrices, colour_jitter, normalize, to_float
 from lesionstack.data.dataset import resize_mask, resize_square
+from lesionstack.data.decode import MAX_SOURCE_PIXELS
 from lesionstack.files import read_json, write_json, write_text
 from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, save_segmenter
 from lesionstack.paths import ArtifactPaths
@@ -140,24 +141,33 @@ def _put(found: dict[str, Path], name: str, path: Path) -> None:
 
 
 def load_pair(image_path: Path, mask_path: Path, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(size, size, 3) uint8 RGB image and (size, size) uint8 {0, 1} mask; errors name the file."""
+    """(size, size, 3) uint8 RGB image and (size, size) uint8 {0, 1} mask; errors name the file.
+
+    The image's declared size is held to the project's decoding limit (`data.decode.MAX_SOURCE_PIXELS`)
+    before anything is decoded, and the mask must match it before its pixels are read: one hostile
+    pair cannot take the loader's memory, while ISIC 2018's largest pairs (about 30 megapixels) load."""
     data = image_path.read_bytes()
     try:
         height, width, _, _ = simplejpeg.decode_jpeg_header(data)
+    except (ValueError, RuntimeError) as err:
+        raise MaskDataError(f"{image_path}: cannot decode JPEG: {err}") from err
+    if width * height > MAX_SOURCE_PIXELS:
+        raise MaskDataError(f"{image_path}: {width}x{height} px is above the {MAX_SOURCE_PIXELS:,}-pixel limit "
+                            "for one image (a decompression bomb?); refused")
+    try:
         # libjpeg's DCT scaling decodes a large photo straight at close to the size we need
         rgb = simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=size, min_width=size)
     except (ValueError, RuntimeError) as err:
         raise MaskDataError(f"{image_path}: cannot decode JPEG: {err}") from err
     try:
-        with Image.open(io.BytesIO(mask_path.read_bytes())) as im:
-            mask_img = im.convert("L")
-    except OSError as err:
+        with Image.open(io.BytesIO(mask_path.read_bytes())) as im:  # lazy: reads the header only
+            mask_size = im.size
+            mask_img = im.convert("L") if mask_size == (width, height) else None
+    except (OSError, Image.DecompressionBombError) as err:
         raise MaskDataError(f"{mask_path}: cannot read mask PNG: {err}") from err
-    if mask_img.size != (width, height):
-        raise MaskDataError(
-            f"{mask_path}: mask is {mask_img.size[0]}x{mask_img.size[1]} but its image {image_path.name} is "
-            f"{width}x{height}"
-        )
+    if mask_size != (width, height):
+        raise MaskDataError(f"{mask_path}: mask is {mask_size[0]}x{mask_size[1]} but its image "
+                            f"{image_path.name} is {width}x{height}")
     image = resize_square(rgb, size)
     mask = resize_mask(np.asarray(mask_img), size)
     return image, mask.astype(np.uint8)
