@@ -117,3 +117,71 @@ def test_evaluate_phone_scores_a_cnn_whose_fold_configs_carry_a_refused_training
         write_text(dst.done, "done\n")
     cnn = evaluate_phone(root, art, model="cnn", progress=False)
     assert cnn["clean"]["oof_pauc"] == pytest.approx(read_json(paths.distill_file("tiny", "metrics.json"))["oof_pauc"])
+
+
+def crops_file(tmp_path: Path, n: int = 6) -> tuple[Path, list[str]]:
+    """An HDF5 of n JPEG crops of 96-130 px (the demo's size range), ids ISIC_0..n-1."""
+    import simplejpeg
+
+    rng = np.random.default_rng(5)
+    ids = [f"ISIC_{i}" for i in range(n)]
+    path = tmp_path / "crops.hdf5"
+    with h5py.File(path, "w") as h5:
+        for i, isic_id in enumerate(ids):
+            side = 96 + 7 * i
+            crop = np.full((side, side, 3), 190, np.uint8)
+            crop[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = rng.integers(20, 90, 3)
+            h5[isic_id] = np.bytes_(simplejpeg.encode_jpeg(crop, quality=95))
+    return path, ids
+
+
+def test_training_crops_are_degraded_at_their_own_resolution_then_resized(tmp_path: Path) -> None:
+    """What `phone-eval` scores (the stored crop degraded, then resized by the model) is what training
+    sees; degrading the 32-px input instead blurs a 4x larger share of the lesion."""
+    from lesionstack.data.dataset import CropDataset, PhoneCropDataset, resize_square
+
+    path, ids = crops_file(tmp_path)
+    phone = PhoneConfig(p=1.0)
+    ds = PhoneCropDataset(path, ids, [0.0] * len(ids), 32, phone, seed=7)
+    clean = CropDataset(path, ids, None, 32)
+    image, label, index, error = ds[(2, 5, 1)]
+    assert index == 2 and error is None and image.shape == (3, 32, 32)
+    expected = resize_square(degrade_crop(ds.read(2, None), phone, (7, 5, 1, 2)), 32)
+    assert np.array_equal(image.permute(1, 2, 0).numpy(), expected)
+    at_input_size = degrade_crop(clean.load(2), phone, (7, 5, 1, 2))
+    assert not np.array_equal(expected, at_input_size)
+    assert torch.equal(ds[(2, 5, 1)][0], image)  # a resumed epoch repeats it
+    assert not torch.equal(ds[(2, 6, 1)][0], image)  # the next epoch draws afresh
+    assert torch.equal(ds[2][0], clean[2][0])  # a plain index (EMA's batch-norm refresh, scoring): clean
+
+
+def test_phone_share_and_epoch_tags_through_a_worker(tmp_path: Path) -> None:
+    from lesionstack.data.dataset import (
+        BalancedEpochSampler,
+        CropDataset,
+        TaggedDraws,
+        collate_skip,
+        epoch_draws,
+        training_crops,
+    )
+
+    path, ids = crops_file(tmp_path, n=40)
+    labels = [1.0] * 10 + [0.0] * 30
+    assert type(training_crops(path, ids, labels, 32, PhoneConfig(p=0.0), seed=0)) is CropDataset
+    ds = training_crops(path, ids, labels, 32, PhoneConfig(p=0.5), seed=0)
+    sampler = epoch_draws(ds, BalancedEpochSampler(labels, neg_per_pos=3, seed=0))
+    assert isinstance(sampler, TaggedDraws)
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    assert len(keys) == len(sampler) == 40 and {k[1] for k in keys} == {3}
+    assert [k[2] for k in keys] == list(range(40))
+    loader = torch.utils.data.DataLoader(ds, batch_size=40, sampler=sampler, num_workers=1,
+                                         persistent_workers=True, collate_fn=collate_skip)
+    batch = next(iter(loader))
+    clean = torch.stack([CropDataset(path, ids, None, 32)[int(i)][0] for i in batch.index])
+    changed = (batch.images.int() - clean.int()).flatten(1).abs().amax(1) > 0
+    assert 10 <= int(changed.sum()) <= 30  # about half of the crops, p = 0.5
+    for epoch in (3, 4):  # the persistent worker gets each epoch's tags with the keys
+        sampler.set_epoch(epoch)
+        batch = next(iter(loader))
+        assert torch.equal(batch.images, torch.stack([ds[key][0] for key in sampler]))

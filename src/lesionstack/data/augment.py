@@ -9,6 +9,7 @@ gives the same augmentation on every device, and a resumed epoch repeats the int
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +30,7 @@ class PhoneConfig:
     p: float = 0.0  # training: probability per crop (0: off); `phone_copy` degrades every crop
     downscale: tuple[float, float] = (0.25, 0.6)  # captured at this fraction of the side, then upscaled
     jpeg_quality: tuple[int, int] = (30, 70)
-    blur_sigma: tuple[float, float] = (0.0, 1.2)  # Gaussian, in pixels of the image it is applied to
+    blur_sigma: tuple[float, float] = (0.0, 1.2)  # Gaussian, in pixels of the crop as stored (not resized)
     noise_std: tuple[float, float] = (0.0, 0.04)  # additive Gaussian, intensities in [0, 1]
     white_balance: float = 0.15  # per-channel gain in [1 - w, 1 + w]
 
@@ -48,7 +49,9 @@ class AugmentConfig:
     contrast: float = 0.2  # around the image mean
     saturation: float = 0.2  # blend with the grey image
     channel_gain: float = 0.05  # per-channel gain: camera white balance
-    phone: PhoneConfig = field(default_factory=PhoneConfig)  # phone-photo degradation (off by default)
+    # phone-photo degradation (off by default), applied by the training dataset at the crop's own resolution
+    # (`data.dataset.PhoneCropDataset`), not here to the resized batch
+    phone: PhoneConfig = field(default_factory=PhoneConfig)
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:
@@ -111,8 +114,7 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
     theta = affine_matrices(images.shape[0], cfg, gen).to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    images = colour_jitter(images, cfg, gen)
-    return phone_degrade(images, cfg.phone, gen) if cfg.phone.p > 0 else images
+    return colour_jitter(images, cfg, gen)
 
 
 def phone_degrade(images: torch.Tensor, cfg: PhoneConfig, gen: torch.Generator | None = None,
@@ -139,6 +141,14 @@ def _phone_one(image: torch.Tensor, cfg: PhoneConfig, gen: torch.Generator | Non
     quality = int(torch.randint(cfg.jpeg_quality[0], cfg.jpeg_quality[1] + 1, (1,), generator=gen))
     x = jpeg_round_trip(x.clamp(0.0, 1.0), quality)
     return F.interpolate(x[None], size=(h, w), mode="bilinear", align_corners=False)[0].clamp_(0.0, 1.0)
+
+
+def degrade_crop(image: np.ndarray, cfg: PhoneConfig, seed: Sequence[int]) -> np.ndarray:
+    """One (H, W, 3) uint8 crop degraded like a phone photo (always), from a generator seeded by `seed`."""
+    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
+    x = to_float(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None])
+    y = phone_degrade(x, cfg, gen, p=1.0)[0]
+    return np.ascontiguousarray((y.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
+from lesionstack.data.augment import PhoneConfig, degrade_crop
 from lesionstack.data.hdf5 import CorruptImageError, H5Images
 
 log = logging.getLogger(__name__)
@@ -57,22 +58,85 @@ class CropDataset(Dataset[Item]):
     def __len__(self) -> int:
         return len(self.ids)
 
-    def load(self, index: int) -> np.ndarray:
-        """The crop at `index` as an (S, S, 3) uint8 array (raises `CorruptImageError`)."""
+    def read(self, index: int, min_side: int | None) -> np.ndarray:
+        """The crop at `index` as decoded, (H, W, 3) uint8, at least `min_side` where it can be (raises
+        `CorruptImageError`)."""
         isic_id = self.ids[index]
-        array = self.images.read(isic_id, min_side=self.image_size)
+        array = self.images.read(isic_id, min_side=min_side)
         if array.ndim != 3 or array.shape[2] != 3:
             raise CorruptImageError(isic_id, f"decoded to shape {array.shape}, not (H, W, 3)", self.images.path)
-        return resize_square(array, self.image_size)
+        return array
+
+    def load(self, index: int) -> np.ndarray:
+        """The crop at `index` as an (S, S, 3) uint8 array (raises `CorruptImageError`)."""
+        return resize_square(self.read(index, self.image_size), self.image_size)
 
     def __getitem__(self, index: int) -> Item:
+        return self.item(index, self.load)
+
+    def item(self, index: int, load: Callable[[int], np.ndarray]) -> Item:
         try:
-            array = self.load(index)
+            array = load(index)
         except CorruptImageError as err:
             reason = str(err).split(": ", 1)[-1]  # drop the "image 'X' in file" prefix; re-added later
             return None, float(self.labels[index]), index, reason
         image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
         return image, float(self.labels[index]), index, None
+
+
+class PhoneCropDataset(CropDataset):
+    """Training crops of which a share `phone.p` is degraded like a phone photo at the crop's own
+    resolution, before it is resized to the model's input: as `phone-eval`'s degraded copy is made, so
+    training and evaluation mean the same blur, capture size and JPEG. (Degrading the resized 32-px input
+    instead was 4x harsher: a 1.2-px blur there is ~5 px of a 130-px crop, and a quarter-size capture
+    8 px.) Keys come from `TaggedDraws`: (index, epoch, position in the epoch's draw), which seed each
+    crop's degradation, so a resumed epoch repeats it exactly; a plain index gives the clean crop."""
+
+    def __init__(self, images: H5Images | str | os.PathLike[str], ids: Sequence[str],
+                 labels: Sequence[float] | None, image_size: int, phone: PhoneConfig, seed: int) -> None:
+        super().__init__(images, ids, labels, image_size)
+        self.phone, self.seed = phone, int(seed)
+
+    def __getitem__(self, key: int | tuple[int, int, int]) -> Item:  # type: ignore[override]
+        if not isinstance(key, tuple):
+            return super().__getitem__(key)
+        index, epoch, position = key
+        draw = (self.seed, epoch, position, index)
+        if np.random.default_rng(draw).random() >= self.phone.p:
+            return super().__getitem__(index)
+        return self.item(index, lambda i: resize_square(degrade_crop(self.read(i, None), self.phone, draw),
+                                                        self.image_size))
+
+
+class TaggedDraws(Sampler[tuple[int, int, int]]):
+    """An epoch sampler's indices as (index, epoch, position) keys for `PhoneCropDataset`: DataLoader
+    workers persist across epochs, so the epoch has to travel with each index."""
+
+    def __init__(self, sampler: Any) -> None:  # an epoch sampler: set_epoch, epoch and len
+        self.sampler = sampler
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return iter((int(i), self.sampler.epoch, pos) for pos, i in enumerate(self.sampler))
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+
+def training_crops(images: H5Images | str | os.PathLike[str], ids: Sequence[str], labels: Sequence[float],
+                   image_size: int, phone: PhoneConfig, seed: int) -> CropDataset:
+    """The training rows' dataset: `PhoneCropDataset` when the config degrades crops (`augment.phone.p`),
+    else the plain one. Pair it with `epoch_draws` for the sampler."""
+    if phone.p > 0:
+        return PhoneCropDataset(images, ids, labels, image_size, phone, seed)
+    return CropDataset(images, ids, labels, image_size)
+
+
+def epoch_draws(dataset: CropDataset, sampler: Any) -> Any:
+    """The sampler the training loader takes: tagged with the epoch for a `PhoneCropDataset`."""
+    return TaggedDraws(sampler) if isinstance(dataset, PhoneCropDataset) else sampler
 
 
 def resize_square(array: np.ndarray, size: int) -> np.ndarray:

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lesionstack.config import config_to_dict, read_config_dict
-from lesionstack.data.augment import PhoneConfig, phone_degrade, to_float
+from lesionstack.data.augment import PhoneConfig, degrade_crop
 from lesionstack.data.dataset import CropDataset
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
@@ -35,14 +35,6 @@ from lesionstack.runtime import RunSettings, Runtime, predict_logits
 from lesionstack.train.distill import fold_spread, load_student
 
 STORE_QUALITY = 95  # the degraded crop is stored near-losslessly; its own JPEG damage happened before
-
-
-def degrade_crop(image: np.ndarray, cfg: PhoneConfig, seed: Sequence[int]) -> np.ndarray:
-    """One (H, W, 3) uint8 crop degraded like a phone photo (always), from a generator seeded by `seed`."""
-    gen = torch.Generator().manual_seed(int(np.random.SeedSequence(list(seed)).generate_state(1)[0]))
-    x = to_float(torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))[None])
-    y = phone_degrade(x, cfg, gen, p=1.0)[0]
-    return np.ascontiguousarray((y.permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8))
 
 
 def phone_copy(src: str | os.PathLike[str], ids: Sequence[str], out: str | os.PathLike[str], cfg: PhoneConfig,
