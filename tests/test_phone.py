@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 
 import h5py
@@ -12,10 +14,17 @@ import torch
 
 from _student import train_tiny_student
 from lesionstack.config import ConfigError
-from lesionstack.data.augment import AugmentConfig, PhoneConfig, augment_batch, gaussian_blur, phone_degrade
+from lesionstack.data.augment import (
+    AugmentConfig,
+    PhoneConfig,
+    augment_batch,
+    degrade_crop,
+    gaussian_blur,
+    phone_degrade,
+)
 from lesionstack.files import read_json
 from lesionstack.paths import ArtifactPaths
-from lesionstack.train.robustness import degrade_crop, evaluate_phone, phone_copy
+from lesionstack.train.robustness import evaluate_phone, phone_copy
 
 
 def images(n: int = 4, size: int = 48) -> torch.Tensor:
@@ -28,7 +37,16 @@ def images(n: int = 4, size: int = 48) -> torch.Tensor:
 def test_phone_off_or_unchosen_leaves_images_alone() -> None:
     x = images()
     assert torch.equal(phone_degrade(x, PhoneConfig(p=0.0)), x)
-    assert torch.equal(augment_batch(x, AugmentConfig(enabled=False, phone=PhoneConfig(p=1.0))), x)
+    # the batch augmentation never degrades: the training dataset does, on the crop as stored
+    on, off = (AugmentConfig(phone=PhoneConfig(p=p)) for p in (1.0, 0.0))
+    assert torch.equal(augment_batch(x, on, torch.Generator().manual_seed(4)),
+                       augment_batch(x, off, torch.Generator().manual_seed(4)))
+
+
+def test_tiny_images_blur_without_failing() -> None:
+    for side in (1, 2, 3):
+        tiny = torch.rand(3, side, side)
+        assert gaussian_blur(tiny, 1.2).shape == tiny.shape
 
 
 def test_phone_degradation_blurs_and_shifts_colour_but_keeps_shape_and_range() -> None:
@@ -119,8 +137,8 @@ def test_evaluate_phone_scores_a_cnn_whose_fold_configs_carry_a_refused_training
     assert cnn["clean"]["oof_pauc"] == pytest.approx(read_json(paths.distill_file("tiny", "metrics.json"))["oof_pauc"])
 
 
-def crops_file(tmp_path: Path, n: int = 6) -> tuple[Path, list[str]]:
-    """An HDF5 of n JPEG crops of 96-130 px (the demo's size range), ids ISIC_0..n-1."""
+def crops_file(tmp_path: Path, n: int = 6, side: int | None = None) -> tuple[Path, list[str]]:
+    """An HDF5 of n JPEG crops of 96-130 px (the demo's size range) or `side`, ids ISIC_0..n-1."""
     import simplejpeg
 
     rng = np.random.default_rng(5)
@@ -128,9 +146,9 @@ def crops_file(tmp_path: Path, n: int = 6) -> tuple[Path, list[str]]:
     path = tmp_path / "crops.hdf5"
     with h5py.File(path, "w") as h5:
         for i, isic_id in enumerate(ids):
-            side = 96 + 7 * i
-            crop = np.full((side, side, 3), 190, np.uint8)
-            crop[side // 4: 3 * side // 4, side // 4: 3 * side // 4] = rng.integers(20, 90, 3)
+            edge = side or 96 + 7 * i
+            crop = np.full((edge, edge, 3), 190, np.uint8)
+            crop[edge // 4: 3 * edge // 4, edge // 4: 3 * edge // 4] = rng.integers(20, 90, 3)
             h5[isic_id] = np.bytes_(simplejpeg.encode_jpeg(crop, quality=95))
     return path, ids
 
@@ -156,20 +174,15 @@ def test_training_crops_are_degraded_at_their_own_resolution_then_resized(tmp_pa
 
 
 def test_phone_share_and_epoch_tags_through_a_worker(tmp_path: Path) -> None:
-    from lesionstack.data.dataset import (
-        BalancedEpochSampler,
-        CropDataset,
-        TaggedDraws,
-        collate_skip,
-        epoch_draws,
-        training_crops,
-    )
+    from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, TaggedDraws, collate_skip, training_crops
 
     path, ids = crops_file(tmp_path, n=40)
     labels = [1.0] * 10 + [0.0] * 30
-    assert type(training_crops(path, ids, labels, 32, PhoneConfig(p=0.0), seed=0)) is CropDataset
-    ds = training_crops(path, ids, labels, 32, PhoneConfig(p=0.5), seed=0)
-    sampler = epoch_draws(ds, BalancedEpochSampler(labels, neg_per_pos=3, seed=0))
+    draws = BalancedEpochSampler(labels, neg_per_pos=3, seed=0)
+    for plain in (AugmentConfig(phone=PhoneConfig(p=0.0)), AugmentConfig(enabled=False, phone=PhoneConfig(p=1.0))):
+        ds, sampler = training_crops(path, ids, labels, 32, plain, draws, seed=0)
+        assert type(ds) is CropDataset and sampler is draws
+    ds, sampler = training_crops(path, ids, labels, 32, AugmentConfig(phone=PhoneConfig(p=0.5)), draws, seed=0)
     assert isinstance(sampler, TaggedDraws)
     sampler.set_epoch(3)
     keys = list(sampler)
@@ -184,4 +197,24 @@ def test_phone_share_and_epoch_tags_through_a_worker(tmp_path: Path) -> None:
     for epoch in (3, 4):  # the persistent worker gets each epoch's tags with the keys
         sampler.set_epoch(epoch)
         batch = next(iter(loader))
-        assert torch.equal(batch.images, torch.stack([ds[key][0] for key in sampler]))
+        with single_thread():  # as in the worker: torch's resampling rounds differently across thread counts
+            assert torch.equal(batch.images, torch.stack([ds[key][0] for key in sampler]))
+
+
+@contextlib.contextmanager
+def single_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_large_photo_is_shrunk_to_the_crop_sizes_before_it_is_degraded(tmp_path: Path) -> None:
+    from lesionstack.data.dataset import PHONE_MAX_SIDE, PhoneCropDataset
+
+    path, ids = crops_file(tmp_path, n=1, side=600)
+    ds = PhoneCropDataset(path, ids, [0.0], 32, PhoneConfig(p=1.0), seed=0)
+    assert max(ds.stored(0).shape[:2]) == PHONE_MAX_SIDE
+    assert ds[(0, 0, 0)][0].shape == (3, 32, 32)

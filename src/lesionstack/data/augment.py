@@ -2,8 +2,10 @@
 
 Augmenting the whole batch at once, on the device that trains, keeps the data path cheap: DataLoader
 workers only read, decode and resize, and the random geometry and colour of 64 crops cost one grid sample
-(a few milliseconds on CPU, nothing on a GPU). Random draws come from a CPU `torch.Generator`, so a seed
-gives the same augmentation on every device, and a resumed epoch repeats the interrupted one exactly.
+(a few milliseconds on CPU, nothing on a GPU). The one exception is the phone-photo degradation
+(`PhoneConfig`), which must see the crop as stored: the workers apply it (`data.dataset.PhoneCropDataset`).
+Random draws come from a CPU `torch.Generator`, so a seed gives the same augmentation on every device, and
+a resumed epoch repeats the interrupted one exactly.
 """
 
 from __future__ import annotations
@@ -155,7 +157,9 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     """A (3, H, W) image blurred by a separable Gaussian (reflected borders); sigma < 0.1 returns it."""
     if sigma < 0.1:
         return image
-    radius = max(1, math.ceil(2.5 * sigma))
+    radius = min(max(1, math.ceil(2.5 * sigma)), min(image.shape[1:]) - 1)  # reflection needs radius < side
+    if radius < 1:
+        return image
     t = torch.arange(-radius, radius + 1, dtype=image.dtype, device=image.device)
     k = torch.exp(-0.5 * (t / sigma) ** 2)
     k = (k / k.sum()).view(1, 1, -1).expand(3, 1, -1)

@@ -1,7 +1,8 @@
 """Datasets and samplers for the CNN: HDF5 crops -> resized uint8 tensors, and the per-epoch draw.
 
-Workers only read, decode (at a reduced JPEG scale when the model wants a small image) and resize; the
-random augmentation runs batched on the training device (`lesionstack.data.augment`). Images stay uint8
+Workers only read, decode (at a reduced JPEG scale when the model wants a small image) and resize, plus
+the phone-photo degradation where a config asks for it (`PhoneCropDataset`); the rest of the random
+augmentation runs batched on the training device (`lesionstack.data.augment`). Images stay uint8
 until then, so a batch crosses process and device boundaries at a quarter of the float size.
 """
 
@@ -18,10 +19,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
-from lesionstack.data.augment import PhoneConfig, degrade_crop
+from lesionstack.data.augment import AugmentConfig, PhoneConfig, degrade_crop
+from lesionstack.data.decode import shrink
 from lesionstack.data.hdf5 import CorruptImageError, H5Images
 
 log = logging.getLogger(__name__)
+
+PHONE_MAX_SIDE = 256  # phone degradation works on crops up to this side (ISIC 2024's are 60-240 px)
 
 Item = tuple[torch.Tensor | None, float, int, str | None]
 
@@ -87,10 +91,14 @@ class CropDataset(Dataset[Item]):
 class PhoneCropDataset(CropDataset):
     """Training crops of which a share `phone.p` is degraded like a phone photo at the crop's own
     resolution, before it is resized to the model's input: as `phone-eval`'s degraded copy is made, so
-    training and evaluation mean the same blur, capture size and JPEG. (Degrading the resized 32-px input
-    instead was 4x harsher: a 1.2-px blur there is ~5 px of a 130-px crop, and a quarter-size capture
-    8 px.) Keys come from `TaggedDraws`: (index, epoch, position in the epoch's draw), which seed each
-    crop's degradation, so a resumed epoch repeats it exactly; a plain index gives the clean crop."""
+    training and evaluation mean the same blur, capture size and JPEG. (Degrading the resized input instead
+    was 2-4x harsher at 64-32 px: a 1.2-px blur at 32 px is ~5 px of a 130-px crop, and a quarter-size
+    capture 8 px.) Keys come from `TaggedDraws`: (index, epoch, position in the epoch's draw), which seed each
+    crop's degradation, so a resumed epoch repeats it (exactly with the same `num_workers` and
+    `cpu_threads`: torch's resampling rounds differently across thread counts); a plain index gives the
+    clean crop. An image larger than `PHONE_MAX_SIDE` (HAM10000's 600 x 450 photos, for train-diagnosis)
+    is first shrunk to it: the strengths are set for ISIC 2024's 60-240 px crops, and degrading a 1,024-px
+    photo costs ~40x a crop while the resize to the model's input would average most of it away."""
 
     def __init__(self, images: H5Images | str | os.PathLike[str], ids: Sequence[str],
                  labels: Sequence[float] | None, image_size: int, phone: PhoneConfig, seed: int) -> None:
@@ -104,8 +112,13 @@ class PhoneCropDataset(CropDataset):
         draw = (self.seed, epoch, position, index)
         if np.random.default_rng(draw).random() >= self.phone.p:
             return super().__getitem__(index)
-        return self.item(index, lambda i: resize_square(degrade_crop(self.read(i, None), self.phone, draw),
+        return self.item(index, lambda i: resize_square(degrade_crop(self.stored(i), self.phone, draw),
                                                         self.image_size))
+
+    def stored(self, index: int) -> np.ndarray:
+        """The crop as stored, shrunk to `PHONE_MAX_SIDE` if it is larger."""
+        array = self.read(index, None)
+        return shrink(array, PHONE_MAX_SIDE) if max(array.shape[:2]) > PHONE_MAX_SIDE else array
 
 
 class TaggedDraws(Sampler[tuple[int, int, int]]):
@@ -119,24 +132,21 @@ class TaggedDraws(Sampler[tuple[int, int, int]]):
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[tuple[int, int, int]]:
-        return iter((int(i), self.sampler.epoch, pos) for pos, i in enumerate(self.sampler))
+        epoch = self.sampler.epoch  # read once: the epoch this iterator was started for
+        return iter((int(i), epoch, pos) for pos, i in enumerate(self.sampler))
 
     def __len__(self) -> int:
         return len(self.sampler)
 
 
 def training_crops(images: H5Images | str | os.PathLike[str], ids: Sequence[str], labels: Sequence[float],
-                   image_size: int, phone: PhoneConfig, seed: int) -> CropDataset:
-    """The training rows' dataset: `PhoneCropDataset` when the config degrades crops (`augment.phone.p`),
-    else the plain one. Pair it with `epoch_draws` for the sampler."""
-    if phone.p > 0:
-        return PhoneCropDataset(images, ids, labels, image_size, phone, seed)
-    return CropDataset(images, ids, labels, image_size)
-
-
-def epoch_draws(dataset: CropDataset, sampler: Any) -> Any:
-    """The sampler the training loader takes: tagged with the epoch for a `PhoneCropDataset`."""
-    return TaggedDraws(sampler) if isinstance(dataset, PhoneCropDataset) else sampler
+                   image_size: int, augment: AugmentConfig, sampler: Any, seed: int) -> tuple[CropDataset, Any]:
+    """The training rows' dataset and the sampler its loader takes: with `augment.phone.p` (and
+    augmentation on), a `PhoneCropDataset` and the epoch sampler wrapped in `TaggedDraws`, made together
+    so neither can be forgotten; else the plain dataset and the sampler as it is."""
+    if augment.enabled and augment.phone.p > 0:
+        return PhoneCropDataset(images, ids, labels, image_size, augment.phone, seed), TaggedDraws(sampler)
+    return CropDataset(images, ids, labels, image_size), sampler
 
 
 def resize_square(array: np.ndarray, size: int) -> np.ndarray:

@@ -87,7 +87,7 @@ def decode_image(data: bytes, *, min_side: int | None = None, max_side: int | No
         raise CorruptImageError(where, f"not a decodable {fmt if fmt != 'other' else 'image'} ({err})",
                                 path) from err
     if max_side and max(array.shape[:2]) > max_side:
-        array = _shrink(array, max_side)
+        array = shrink(array, max_side)
     return array
 
 
@@ -231,7 +231,8 @@ def _to_rgb(img: object) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _shrink(array: np.ndarray, max_side: int) -> np.ndarray:
+def shrink(array: np.ndarray, max_side: int) -> np.ndarray:
+    """An (H, W, 3) uint8 image resized (bilinear, aspect kept) so its longest side is `max_side`."""
     from PIL import Image
 
     height, width = array.shape[:2]

@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader
 
 from lesionstack.config import ConfigError, config_to_dict, load_config
 from lesionstack.data.augment import AugmentConfig, augment_batch
-from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, epoch_draws, training_crops
+from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, training_crops
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.metadata import check_images_cover, id_mismatch
 from lesionstack.data.schema import ID_COLUMN
@@ -409,14 +409,14 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
         return read_json(files.metrics)
     train, watched = training_and_validation_rows(folds, fold, cfg)
     val = validation_rows(watched, cfg.val_max_negatives, cfg.seed * 1000 + fold)
-    train_ds = training_crops(images, train[ID_COLUMN], train["target"], cfg.image_size, cfg.augment.phone,
-                              seed=cfg.seed * 1000 + fold)
+    draws = BalancedEpochSampler(train["target"].to_numpy(), cfg.neg_per_pos, seed=cfg.seed * 1000 + fold,
+                                 rank=rt.ctx.rank, world_size=rt.ctx.world_size)
+    train_ds, sampler = training_crops(images, train[ID_COLUMN], train["target"], cfg.image_size, cfg.augment,
+                                       draws, seed=cfg.seed * 1000 + fold)
     val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
     seed_everything(cfg.seed, fold)
     model = rt.place(build_model(cfg.model))
     loss_fn = with_aux_loss(cfg.aux_diagnosis, train, rt.device, loss_fn)
-    sampler = epoch_draws(train_ds, BalancedEpochSampler(train_ds.labels, cfg.neg_per_pos, seed=cfg.seed * 1000 + fold,
-                                                         rank=rt.ctx.rank, world_size=rt.ctx.world_size))
     loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
                          drop_last=len(sampler) > cfg.batch_size)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,

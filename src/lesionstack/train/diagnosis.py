@@ -40,7 +40,7 @@ from torch.utils.data import Sampler
 
 from lesionstack.config import ConfigError, load_config, read_config_dict
 from lesionstack.data.augment import AugmentConfig, augment_batch
-from lesionstack.data.dataset import CropDataset, check_corrupt, epoch_draws, training_crops
+from lesionstack.data.dataset import CropDataset, check_corrupt, training_crops
 from lesionstack.data.diagnosis import (
     CLASS_COLUMN,
     LABEL_COLUMN,
@@ -230,13 +230,12 @@ def train_fold(fold: int, data: DiagnosisData, folds: pd.DataFrame, cfg: Diagnos
     k = len(data.classes)
     y = folds[LABEL_COLUMN].map({c: i for i, c in enumerate(data.classes)}).to_numpy()
     train, val = folds["fold"].to_numpy() != fold, folds["fold"].to_numpy() == fold
-    train_ds = training_crops(data.images, folds[ID_COLUMN][train], y[train], cfg.image_size, cfg.augment.phone,
-                              seed=cfg.seed * 1000 + fold)
+    draws = EpochSampler(y[train], cfg.balance == "sampler", seed=cfg.seed * 1000 + fold, size=cfg.epoch_size)
+    train_ds, sampler = training_crops(data.images, folds[ID_COLUMN][train], y[train], cfg.image_size,
+                                       cfg.augment, draws, seed=cfg.seed * 1000 + fold)
     val_ds = CropDataset(data.images, folds[ID_COLUMN][val], y[val], cfg.image_size)
     seed_everything(cfg.seed, fold)
     model = rt.place(build_model(cfg.model, num_classes=k))
-    sampler = epoch_draws(train_ds, EpochSampler(y[train], cfg.balance == "sampler", seed=cfg.seed * 1000 + fold,
-                                                 size=cfg.epoch_size))
     loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
                          drop_last=len(sampler) > cfg.batch_size)
     opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
