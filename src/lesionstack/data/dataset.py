@@ -140,12 +140,14 @@ class TaggedDraws(Sampler[tuple[int, int, int]]):
 
 
 def training_crops(images: H5Images | str | os.PathLike[str], ids: Sequence[str], labels: Sequence[float],
-                   image_size: int, augment: AugmentConfig, sampler: Any, seed: int) -> tuple[CropDataset, Any]:
+                   image_size: int, augment: AugmentConfig, sampler: Any) -> tuple[CropDataset, Any]:
     """The training rows' dataset and the sampler its loader takes: with `augment.phone.p` (and
-    augmentation on), a `PhoneCropDataset` and the epoch sampler wrapped in `TaggedDraws`, made together
-    so neither can be forgotten; else the plain dataset and the sampler as it is."""
+    augmentation on), a `PhoneCropDataset` seeded like the epoch sampler (its `seed`) and the sampler
+    wrapped in `TaggedDraws`, made together so neither can be forgotten; else the plain dataset and the
+    sampler as it is."""
     if augment.enabled and augment.phone.p > 0:
-        return PhoneCropDataset(images, ids, labels, image_size, augment.phone, seed), TaggedDraws(sampler)
+        phone_crops = PhoneCropDataset(images, ids, labels, image_size, augment.phone, sampler.seed)
+        return phone_crops, TaggedDraws(sampler)
     return CropDataset(images, ids, labels, image_size), sampler
 
 

@@ -412,7 +412,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     draws = BalancedEpochSampler(train["target"].to_numpy(), cfg.neg_per_pos, seed=cfg.seed * 1000 + fold,
                                  rank=rt.ctx.rank, world_size=rt.ctx.world_size)
     train_ds, sampler = training_crops(images, train[ID_COLUMN], train["target"], cfg.image_size, cfg.augment,
-                                       draws, seed=cfg.seed * 1000 + fold)
+                                       draws)
     val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
     seed_everything(cfg.seed, fold)
     model = rt.place(build_model(cfg.model))

@@ -232,7 +232,7 @@ def train_fold(fold: int, data: DiagnosisData, folds: pd.DataFrame, cfg: Diagnos
     train, val = folds["fold"].to_numpy() != fold, folds["fold"].to_numpy() == fold
     draws = EpochSampler(y[train], cfg.balance == "sampler", seed=cfg.seed * 1000 + fold, size=cfg.epoch_size)
     train_ds, sampler = training_crops(data.images, folds[ID_COLUMN][train], y[train], cfg.image_size,
-                                       cfg.augment, draws, seed=cfg.seed * 1000 + fold)
+                                       cfg.augment, draws)
     val_ds = CropDataset(data.images, folds[ID_COLUMN][val], y[val], cfg.image_size)
     seed_everything(cfg.seed, fold)
     model = rt.place(build_model(cfg.model, num_classes=k))
