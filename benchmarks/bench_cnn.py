@@ -55,7 +55,7 @@ def main() -> None:
     from lesionstack.data.hdf5 import H5Images
     from lesionstack.models import build_model, param_groups
     from lesionstack.paths import DataPaths
-    from lesionstack.runtime import RunSettings, Runtime, make_loader
+    from lesionstack.runtime import RunSettings, Runtime, adamw, make_loader
     from lesionstack.train.cnn import load_cnn_config
 
     args = parse_args()
@@ -76,7 +76,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     model = rt.place(build_model(cfg.model))
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr)
+    opt = adamw(param_groups(model, cfg.lr, cfg.weight_decay), cfg.lr, cfg.weight_decay)
     model.train()
     gen = torch.Generator().manual_seed(0)
     shape = (cfg.batch_size, 3, cfg.image_size, cfg.image_size)

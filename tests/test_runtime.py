@@ -3,6 +3,7 @@ and the all-or-none step agreement of DistributedDataParallel ranks (two gloo pr
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import subprocess
@@ -18,6 +19,7 @@ from lesionstack.runtime import (
     DistContext,
     RunSettings,
     Runtime,
+    adamw,
     amp_dtype,
     gather_rows,
     model_logits,
@@ -63,6 +65,45 @@ def test_device_and_precision_on_cpu() -> None:
     assert amp_dtype("bf16", torch.device("cuda")) is torch.bfloat16
     with pytest.raises(ConfigError, match="amp: expected"):
         amp_dtype("fp8", torch.device("cpu"))
+
+
+def test_channels_last_applies_on_cpu_and_scores_the_same_as_contiguous() -> None:
+    """channels_last is a speed setting (README "Faster steps on CPU"): on CPU too it puts the model and
+    the batches in NHWC, and the logits match the contiguous layout's to float rounding."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 1)).eval()
+    x = torch.rand(4, 3, 16, 16)
+    logits = {}
+    for fmt in (True, False):
+        rt = Runtime.create(RunSettings(channels_last=fmt), device="cpu", amp="off")
+        model, batch = rt.place(copy.deepcopy(net)), rt.finish(x)
+        layout = torch.channels_last if fmt else torch.contiguous_format
+        assert batch.is_contiguous(memory_format=layout)
+        assert model[0].weight.is_contiguous(memory_format=layout)
+        with torch.no_grad():
+            logits[fmt] = model(batch)
+    torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+
+
+def test_adamw_is_fused_and_steps_like_the_multi_tensor_kernel() -> None:
+    """The fused kernel is the same AdamW: a few steps land where the default kernel's do, to rounding."""
+    torch.manual_seed(0)
+    start = [torch.randn(40, 30), torch.randn(30)]
+    grads = [[torch.randn_like(p) for p in start] for _ in range(5)]
+    ends = []
+    for make in (lambda ps: adamw(ps, 1e-2, 0.01), lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01)):
+        params = [p.clone().requires_grad_(True) for p in start]
+        opt = make(params)
+        for step in grads:
+            for p, g in zip(params, step):
+                p.grad = g.clone()
+            opt.step()
+        ends.append([p.detach() for p in params])
+    assert adamw([torch.zeros(2, requires_grad=True)], 1e-3, 0.0).defaults["fused"] is True
+    for first, fused, plain in zip(start, *ends):
+        assert not torch.allclose(fused, first)  # the steps moved it
+        torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
 
 
 def test_gather_rows_leaves_unscored_rows_nan() -> None:

@@ -114,7 +114,7 @@ class RunSettings:
 
     eval_batch_size: int = 256
     num_workers: int = 2
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # NHWC model and batches: faster on CUDA and on CPU (oneDNN) alike
     progress: bool = True
     skip_corrupt: bool = False  # True: log and skip undecodable crops (scored NaN); False: stop naming the id
     tta_hflip: bool = True  # average the logits of the image and its mirror when scoring
@@ -157,14 +157,14 @@ class Runtime:
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """Normalise and set the memory format the model runs fastest in."""
         images = normalize(images)
-        if self.device.type == "cuda" and self.settings.channels_last:
+        if self.settings.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images
 
     def place(self, model: nn.Module) -> nn.Module:
         """`model` on the device, in the memory format of `finish`."""
         model = model.to(self.device)
-        if self.device.type == "cuda" and self.settings.channels_last:
+        if self.settings.channels_last:
             model = model.to(memory_format=torch.channels_last)
         return model
 
@@ -185,6 +185,12 @@ class Runtime:
         """A progress bar over `iterable`, on the main rank when the settings ask for one."""
         return tqdm(iterable, desc=desc, leave=False, disable=not (self.settings.progress and self.ctx.is_main),
                     **kwargs)
+
+
+def adamw(params: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW with the fused kernel: one pass over all parameters instead of a dozen elementwise ones. On
+    one CPU core it took the demo CNN's update from 36 to 9 ms, of a 152-ms step (benchmarks/bench_train_step.py)."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
 def make_loader(dataset: CropDataset, rt: Runtime, *, sampler: Any, batch_size: int,

@@ -70,6 +70,7 @@ from lesionstack.runtime import (
     DistContext,
     RunSettings,
     Runtime,
+    adamw,
     amp_dtype,
     barrier,
     init_distributed,
@@ -150,7 +151,7 @@ class CNNConfig:
     skip_corrupt: bool = False  # True: log and skip undecodable crops; False: stop naming the isic_id
     device: str = "auto"  # auto: cuda when available, else cpu
     amp: str = "auto"  # auto: bf16 on a GPU that has it, else fp16 (+ GradScaler) on GPU; off on CPU
-    channels_last: bool = True  # on CUDA only
+    channels_last: bool = True  # NHWC model and batches, on CPU and CUDA (faster on both)
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -419,8 +420,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     loss_fn = with_aux_loss(cfg.aux_diagnosis, train, rt.device, loss_fn)
     loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
                          drop_last=len(sampler) > cfg.batch_size)
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr,
-                            weight_decay=cfg.weight_decay)
+    opt = adamw(param_groups(model, cfg.lr, cfg.weight_decay), cfg.lr, cfg.weight_decay)
     steps = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(steps * cfg.epochs, int(cfg.warmup_epochs * steps), cfg.min_lr_ratio))

@@ -66,7 +66,7 @@ from lesionstack.metrics import (
 from lesionstack.models import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.paths import ArtifactPaths, FoldFiles
 from lesionstack.resume import Resume, guard
-from lesionstack.runtime import RunSettings, Runtime, make_loader, model_logits, seed_everything
+from lesionstack.runtime import RunSettings, Runtime, adamw, make_loader, model_logits, seed_everything
 from lesionstack.train.cnn import RUNTIME_KEYS, optimiser_step, resume, save_torch, warmup_cosine
 
 log = logging.getLogger(__name__)
@@ -238,7 +238,7 @@ def train_fold(fold: int, data: DiagnosisData, folds: pd.DataFrame, cfg: Diagnos
     model = rt.place(build_model(cfg.model, num_classes=k))
     loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
                          drop_last=len(sampler) > cfg.batch_size)
-    opt = torch.optim.AdamW(param_groups(model, cfg.lr, cfg.weight_decay), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(param_groups(model, cfg.lr, cfg.weight_decay), cfg.lr, cfg.weight_decay)
     steps = len(loader)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, warmup_cosine(steps * cfg.epochs, int(cfg.warmup_epochs * steps), cfg.min_lr_ratio))

@@ -42,6 +42,7 @@ from lesionstack.files import read_json, write_json, write_text
 from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, save_segmenter
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import Resume, guard
+from lesionstack.runtime import adamw
 
 log = logging.getLogger(__name__)
 
@@ -312,7 +313,7 @@ def _fit(
 ) -> list[dict[str, Any]]:
     """The epoch loop; saves the weights whenever held-out Dice improves; returns per-epoch metrics."""
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt = adamw(model.parameters(), cfg.lr, cfg.weight_decay)
     steps = cfg.epochs * len(_batches(len(train_idx), cfg.batch_size, torch.Generator()))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     tr_img, tr_mask = images[train_idx], masks[train_idx]
