@@ -4,13 +4,16 @@
 
 For each config (its model, image size and batch size; random init, ready tensors, no data path), one
 forward/backward/AdamW step with:
-  * plain:          contiguous (NCHW) model and batch, AdamW's default multi-tensor kernel (the old path);
+  * plain:          contiguous (NCHW) model and batch, AdamW's default kernel (the old path; on CPU a loop
+                    over the tensors, several elementwise passes over each);
   * fused:          AdamW's fused kernel (`runtime.adamw`);
   * channels_last:  NHWC model and batch (`channels_last: true`, what `Runtime.place` / `finish` do);
   * both:           what training runs now.
-The four settings alternate in rounds and each one's median round counts, so load from other processes
-hits them alike. Prints ms per step and the speed-up of each over plain. Pretrained weights named in a
-config are not loaded (random init costs the same per step).
+The four settings alternate in rounds (each round in another order) and each one's median round counts,
+so load from other processes hits them alike. One parameter group and a one-output head throughout
+(training's weight-decay groups and a diagnosis config's k outputs cost the same per step, to noise).
+Prints ms per step and the speed-up of each over plain. Pretrained weights named in a config are not
+loaded (random init costs the same per step).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ SETTINGS = {"plain": (False, False), "fused": (False, True), "channels_last": (T
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", type=Path, action="append", help="a CNN or distill config (repeatable)")
+    p.add_argument("--config", type=Path, action="append", help="a CNN, distill or diagnosis config (repeatable)")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the demo trains one per fold process)")
     p.add_argument("--rounds", type=int, default=5, help="alternating rounds of the four settings")
     p.add_argument("--steps", type=int, default=0, help="steps per round (0: about 1 s of plain steps)")
@@ -82,9 +85,10 @@ def bench_config(path: Path, rounds: int, steps: int) -> None:
         step()
     n = steps or max(2, round(1000 / timed(steps_of["plain"], 2)))
     ms: dict[str, list[float]] = {name: [] for name in SETTINGS}
-    for _ in range(rounds):
-        for name, step in steps_of.items():
-            ms[name].append(timed(step, n))
+    names = list(SETTINGS)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotated: no setting always first
+            ms[name].append(timed(steps_of[name], n))
     plain = statistics.median(ms["plain"])
     print(f"{path}: {model_cfg.classifier} (gate {model_cfg.gate}) at {size} px, batch {batch}, "
           f"{torch.get_num_threads()} thread(s), {n} steps x {rounds} rounds")

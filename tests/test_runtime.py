@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from lesionstack.runtime import (
     adamw,
     amp_dtype,
     gather_rows,
+    load_optimiser_state,
     model_logits,
     resolve_device,
 )
@@ -104,6 +106,47 @@ def test_adamw_is_fused_and_steps_like_the_multi_tensor_kernel() -> None:
     for first, fused, plain in zip(start, *ends):
         assert not torch.allclose(fused, first)  # the steps moved it
         torch.testing.assert_close(fused, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_a_checkpoint_from_before_fused_adamw_resumes_fused_and_steps_as_it_would_have() -> None:
+    """An optimiser state saved by the old path (NCHW model, AdamW's default kernel) loads into the fused
+    optimiser of a channels_last model: it stays fused (an fp16 GradScaler step works), and the next steps
+    land where the old path's would have, to rounding."""
+    torch.manual_seed(0)
+    old_net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 1))
+    x = torch.rand(5, 3, 8, 8)
+
+    def loss_of(net: torch.nn.Module) -> torch.Tensor:
+        return net(x if next(net.parameters()).is_contiguous() else x.contiguous(
+            memory_format=torch.channels_last)).square().mean()
+
+    old_opt = torch.optim.AdamW(old_net.parameters(), lr=1e-2, weight_decay=0.01)
+    for _ in range(2):
+        old_opt.zero_grad()
+        loss_of(old_net).backward()
+        old_opt.step()
+    buffer = io.BytesIO()
+    torch.save({"model": old_net.state_dict(), "optimizer": old_opt.state_dict()}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=False)
+
+    rt = Runtime.create(RunSettings(channels_last=True), device="cpu", amp="off")
+    new_net = rt.place(copy.deepcopy(old_net))
+    new_net.load_state_dict(ckpt["model"])
+    new_opt = adamw(new_net.parameters(), 1e-2, 0.01)
+    load_optimiser_state(new_opt, ckpt["optimizer"])
+    assert all(g["fused"] for g in new_opt.param_groups)
+    scaler = torch.amp.GradScaler("cpu", enabled=True)  # fp16's path: the unfused update would refuse it
+    for _ in range(2):
+        old_opt.zero_grad()
+        loss_of(old_net).backward()
+        old_opt.step()
+        new_opt.zero_grad()
+        scaler.scale(loss_of(new_net)).backward()
+        scaler.step(new_opt)
+        scaler.update()
+    for old, new in zip(old_net.parameters(), new_net.parameters()):
+        torch.testing.assert_close(new, old, rtol=1e-5, atol=1e-6)
 
 
 def test_gather_rows_leaves_unscored_rows_nan() -> None:

@@ -188,9 +188,28 @@ class Runtime:
 
 
 def adamw(params: Any, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW with the fused kernel: one pass over all parameters instead of a dozen elementwise ones. On
+    """AdamW with the fused kernel: one pass over each parameter instead of several elementwise ones. On
     one CPU core it took the demo CNN's update from 36 to 9 ms, of a 152-ms step (benchmarks/bench_train_step.py)."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+
+
+def load_optimiser_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """`opt.load_state_dict(state)`, keeping `opt`'s fused kernel. A checkpoint written before AdamW was fused
+    (or before channels_last applied on CPU) carries `fused` unset, which loading would restore (and fp16's
+    GradScaler then fails in the unfused update), and its moments in the parameters' old memory layout, which
+    the fused kernel, walking raw memory, would read wrongly. So: the flag back on, each moment laid out like
+    its parameter, `step` a float32 tensor on the parameter's device (what the fused kernel keeps)."""
+    opt.load_state_dict(state)
+    if not opt.defaults.get("fused"):
+        return
+    for group in opt.param_groups:
+        group["fused"], group["foreach"] = True, None
+        for p in group["params"]:
+            for key, value in opt.state.get(p, {}).items():
+                if key == "step":
+                    opt.state[p][key] = torch.as_tensor(value, dtype=torch.float32).to(p.device)
+                elif torch.is_tensor(value) and value.shape == p.shape:
+                    opt.state[p][key] = torch.empty_like(p).copy_(value)
 
 
 def make_loader(dataset: CropDataset, rt: Runtime, *, sampler: Any, batch_size: int,

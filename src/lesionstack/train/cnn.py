@@ -74,6 +74,7 @@ from lesionstack.runtime import (
     amp_dtype,
     barrier,
     init_distributed,
+    load_optimiser_state,
     make_loader,
     predict_logits,
     resolve_device,
@@ -529,7 +530,7 @@ def resume(files: FoldFiles, model: nn.Module, opt: torch.optim.Optimizer, sched
         return state_cls()
     ckpt = torch.load(files.checkpoint, map_location="cpu", weights_only=False)  # our own local file
     model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
+    load_optimiser_state(opt, ckpt["optimizer"])
     sched.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     if ema is not None:  # ema_decay is compared by the resume guard, so an EMA run's checkpoint holds one
@@ -585,7 +586,7 @@ def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CN
     `inputs` (what they were scored from) last."""
     parts = []
     for fold in sorted(folds["fold"].unique()):
-        model = scoring_model(cfg, art.cnn_fold(fold).kept_weights, rt.device)
+        model = rt.place(scoring_model(cfg, art.cnn_fold(fold).kept_weights, rt.device))
         val = folds[folds["fold"] == fold]
         val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
         scores = sigmoid(predict_logits(model, val_ds, rt, desc=f"OOF fold {fold}"))

@@ -338,7 +338,7 @@ def write_student_scores(folds: pd.DataFrame, images: H5Images, cfg: DistillConf
     """oof.parquet (each fold's validation rows scored by its own student) and metrics.json."""
     parts = []
     for k in sorted(folds["fold"].unique()):
-        model, _ = load_student(art.distill_fold(name, int(k)).dir, rt.device)
+        model = rt.place(load_student(art.distill_fold(name, int(k)).dir, rt.device)[0])
         val = folds[folds["fold"] == k]
         ds = CropDataset(images, val[ID_COLUMN], val[TARGET_COLUMN], cfg.image_size)
         scores = sigmoid(predict_logits(model, ds, rt, desc=f"OOF fold {k}"))

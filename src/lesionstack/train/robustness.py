@@ -84,6 +84,7 @@ def evaluate_phone(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
     all_folds = sorted(int(k) for k in folds["fold"].unique())
     for k, net, cfg in fold_models(art, model, all_folds):
         rt = Runtime(RunSettings.pick(cfg, progress=progress), torch.device("cpu"), None)
+        net = rt.place(net)  # the memory format the batches come in
         val = folds[folds["fold"] == k]
         for kind, h5 in (("clean", data.train_images), ("degraded", degraded)):
             ds = CropDataset(h5, val[ID_COLUMN], val[TARGET_COLUMN], int(cfg["image_size"]))
