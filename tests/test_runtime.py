@@ -88,7 +88,7 @@ def test_channels_last_applies_on_cpu_and_scores_the_same_as_contiguous() -> Non
     torch.testing.assert_close(logits[True], logits[False], rtol=1e-5, atol=1e-5)
 
 
-def test_adamw_is_fused_and_steps_like_the_multi_tensor_kernel() -> None:
+def test_adamw_is_fused_and_steps_like_the_default_kernel() -> None:
     """The fused kernel is the same AdamW: a few steps land where the default kernel's do, to rounding."""
     torch.manual_seed(0)
     start = [torch.randn(40, 30), torch.randn(30)]
