@@ -50,8 +50,10 @@ def stepper(model: torch.nn.Module, batch: int, size: int, channels_last: bool, 
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
+    from lesionstack.runtime import adamw
+
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01, fused=True if fused else None)
+    opt = adamw(params, 1e-3, 0.01) if fused else torch.optim.AdamW(params, lr=1e-3, weight_decay=0.01)
 
     def step() -> None:
         out = model(x)
@@ -71,11 +73,12 @@ def timed(step, n: int) -> float:
 
 
 def bench_config(path: Path, rounds: int, steps: int) -> None:
+    from lesionstack.config import config_from_dict
     from lesionstack.models import ModelConfig, build_model
 
     raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    known = {k: v for k, v in raw["model"].items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}
-    model_cfg = dataclasses.replace(ModelConfig(**known), classifier_weights=None, segmenter_weights=None)
+    model_cfg = dataclasses.replace(config_from_dict(ModelConfig, raw["model"], where=f"{path}: model"),
+                                    classifier_weights=None, segmenter_weights=None)
     size, batch = int(raw["image_size"]), int(raw["batch_size"])
     torch.manual_seed(0)
     model = build_model(model_cfg)
