@@ -133,6 +133,14 @@ class FoldFiles:
         """Written last, atomically: its presence means the fold finished."""
         return self.dir / "DONE"
 
+    def member(self, index: int) -> FoldFiles:
+        """CNN fold: the files of seed-ensemble member `index` (`seeds_per_fold`): member 0 is the fold
+        folder itself (a one-seed fold's layout), member r >= 1 a `member_r` folder inside it."""
+        return self if index == 0 else FoldFiles(self.dir / f"member_{index}")
+
+    def members(self, count: int) -> list[FoldFiles]:
+        return [self.member(r) for r in range(count)]
+
 
 @dataclass(frozen=True)
 class ArtifactPaths:

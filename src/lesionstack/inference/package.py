@@ -242,7 +242,7 @@ def halve_cnn_weights(cnn_dir: Path) -> int:
     """
     from safetensors.torch import load_file
 
-    safetensors = sorted(cnn_dir.glob("fold_*/*.safetensors"))
+    safetensors = sorted(cnn_dir.glob("fold_*/**/*.safetensors"))  # seed-ensemble members included
     for path in safetensors:
         _save_safetensors(_half(load_file(path)), path)
     return len(safetensors)

@@ -37,8 +37,8 @@ from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import read_json
 from lesionstack.folds import read_folds
-from lesionstack.models import GatedClassifier, ModelConfig, build_model
-from lesionstack.paths import ArtifactPaths
+from lesionstack.models import GatedClassifier, ModelConfig, SeedEnsemble, build_model, ensemble_members
+from lesionstack.paths import ArtifactPaths, FoldFiles
 from lesionstack.runtime import (
     DistContext,
     RunSettings,
@@ -71,10 +71,34 @@ def cnn_folds(artifacts: ArtifactPaths) -> list[int]:
     else:
         configs = artifacts.cnn_dir.glob("fold_*/config.yaml")
         expected = sorted(int(p.parent.name.removeprefix("fold_")) for p in configs)
-    unfinished = [k for k in expected if not artifacts.cnn_fold(k).done.is_file()]
+    unfinished = [k for k in expected if not cnn_fold_done(artifacts.cnn_fold(k))]
     if unfinished:
         raise FileNotFoundError(f"{artifacts.cnn_dir}: CNN fold(s) {unfinished} did not finish (run train-cnn)")
     return expected
+
+
+def seeds_per_fold(fold_config: dict[str, Any]) -> int:
+    """How many seed-ensemble members a CNN fold has (its config's `seeds_per_fold`; 1 before the key)."""
+    return int(fold_config.get("seeds_per_fold", 1))
+
+
+def cnn_fold_done(files: FoldFiles) -> bool:
+    """A CNN fold is finished when it and every seed-ensemble member its config names wrote DONE."""
+    if not files.done.is_file():
+        return False
+    return all(m.done.is_file() for m in files.members(seeds_per_fold(read_config_dict(files.config))))
+
+
+def load_cnn_fold(files: FoldFiles, fold_config: dict[str, Any]) -> nn.Module:
+    """A finished CNN fold as one network on the CPU: its model, or with `seeds_per_fold` > 1 the
+    `SeedEnsemble` of its members (each built from its own config and weights)."""
+    members = files.members(seeds_per_fold(fold_config))
+    missing = [str(m.done) for m in members if not m.done.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{files.dir}: seed-ensemble member(s) unfinished, no {missing} (run train-cnn)")
+    models = [load_fold_model(read_config_dict(m.config)["model"], m.kept_weights, str(m.config))
+              for m in members]
+    return models[0] if len(models) == 1 else SeedEnsemble(models).eval()
 
 
 def load_fold_model(model_section: dict[str, Any], weights: str | os.PathLike[str], where: str,
@@ -110,7 +134,7 @@ class _TolerantCrops(CropDataset):
 @dataclasses.dataclass
 class _Fold:
     fold: int
-    model: GatedClassifier
+    model: GatedClassifier | SeedEnsemble
     tta: bool
     dihedral: bool = False
 
@@ -148,8 +172,7 @@ class Predictor:
         settings = RunSettings.pick(first, progress=progress, skip_corrupt=True, eval_batch_size=batch_size,
                                     num_workers=num_workers)
         rt = Runtime.create(settings, device=device, amp=first.get("amp", "auto"), ctx=ctx)
-        loaded = [_Fold(k, rt.place(load_fold_model(cfg["model"], art.cnn_fold(k).kept_weights,
-                                                    str(art.cnn_fold(k).config))),
+        loaded = [_Fold(k, rt.place(load_cnn_fold(art.cnn_fold(k), cfg)),
                         bool(cfg.get("tta_hflip", settings.tta_hflip)), bool(cfg.get("tta_dihedral", False)))
                   for k, cfg in configs.items()]
         log.info("predictor: %d CNN fold model(s) from %s on %s", len(loaded), art.root, rt.device)
@@ -166,7 +189,8 @@ class Predictor:
 
     @property
     def models(self) -> list[nn.Module]:
-        return [f.model for f in self._folds]
+        """Every network, seed-ensemble members one by one (Grad-CAM hooks each one's classifier)."""
+        return [m for f in self._folds for m in ensemble_members(f.model)]
 
     @property
     def device(self) -> torch.device:

@@ -9,6 +9,7 @@ Importing this package does not import timm; building a model does (offline, loc
 
 from lesionstack.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lesionstack.models.classifier import build_classifier
+from lesionstack.models.ensemble import SeedEnsemble, ensemble_members
 from lesionstack.models.factory import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.models.gated import GATES, GatedClassifier
 from lesionstack.models.segmenter import (
@@ -30,11 +31,13 @@ __all__ = [
     "IMAGENET_STD",
     "GatedClassifier",
     "ModelConfig",
+    "SeedEnsemble",
     "UNetSegmenter",
     "WeightsError",
     "build_classifier",
     "build_model",
     "build_segmenter",
+    "ensemble_members",
     "is_segmenter_checkpoint",
     "load_segmenter",
     "normalize_uint8",

@@ -14,6 +14,10 @@ checkpoint, and refuses a fold made by another config or from other inputs (`res
 rescored, not refused, when what they were scored from changed (`cnn/scores_inputs.json`: fold models, fold
 file, training and test crops, test ids).
 
+With `seeds_per_fold: n` > 1 each fold trains n models, seeds `seed`, `seed + 1`, ... (member 0 in the fold
+folder, member r in `member_r/` inside it, each with the same files), and the fold scores with the mean of
+their logits (`models.SeedEnsemble`); the fold is finished when every member wrote DONE.
+
 Under `torchrun --nproc_per_node N` the same code trains with DistributedDataParallel: each rank takes a
 strided shard of the epoch's draw and of the lesions to score, scores are gathered on every rank (so all
 ranks compute the same pAUC and agree on early stopping), and rank 0 alone writes files.
@@ -44,7 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lesionstack.config import ConfigError, config_to_dict, load_config
+from lesionstack.config import ConfigError, config_to_dict, load_config, read_config_dict
 from lesionstack.data.augment import AugmentConfig, augment_batch
 from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, training_crops
 from lesionstack.data.hdf5 import H5Images
@@ -52,7 +56,7 @@ from lesionstack.data.metadata import check_images_cover, id_mismatch
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import assign_folds, folds_digest, read_folds
-from lesionstack.inference.predictor import Predictor, load_fold_model
+from lesionstack.inference.predictor import Predictor, cnn_fold_done, load_cnn_fold, load_fold_model
 from lesionstack.metrics import MetricError, pauc, roc_auc
 from lesionstack.models import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
@@ -142,6 +146,10 @@ class CNNConfig:
     # score and save an exponential moving average of the weights (decay per optimiser step: horizon about
     # 1 / (1 - decay) steps) instead of the final step's noisy weights; null: off. See `WeightEMA`.
     ema_decay: float | None = None
+    # train this many models per fold, with seeds seed, seed + 1, ...; the fold scores with the mean of
+    # their logits (`models.SeedEnsemble`). One small model's OOF moves with its seed about as much as most
+    # recipe changes do; two seeds lower that variance for twice the training (README "Seed ensembles").
+    seeds_per_fold: int = 1
     seed: int = 42
     num_workers: int = 2
     cpu_threads: int = 0  # torch threads on CPU; 0 keeps torch's default (1 is faster on a busy machine)
@@ -170,6 +178,8 @@ class CNNConfig:
                               f"got {self.untrained_segmenter!r}")
         if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
             raise ConfigError(f"cnn ema_decay must be null or in (0, 1), got {self.ema_decay}")
+        if self.seeds_per_fold < 1:
+            raise ConfigError(f"cnn seeds_per_fold must be >= 1, got {self.seeds_per_fold}")
         if self.val_max_negatives is not None and self.val_max_negatives < 1:
             raise ConfigError(f"cnn val_max_negatives must be null or >= 1, got {self.val_max_negatives}")
         if self.model.aux_outputs != aux_outputs(self.aux_diagnosis):  # derived, never set by hand
@@ -555,8 +565,15 @@ def finish_fold(files: FoldFiles, state: FoldState, n_train: int, n_val: int, ct
 # ---- scores -------------------------------------------------------------------------------------------
 
 
+def member_config(cfg: CNNConfig, member: int) -> CNNConfig:
+    """Seed-ensemble member `member` of each fold: the same recipe with seed `cfg.seed + member` (member 0
+    is the fold's one model when `seeds_per_fold` is 1)."""
+    return cfg if member == 0 else dataclasses.replace(cfg, seed=cfg.seed + member)
+
+
 def scoring_model(cfg: CNNConfig, weights: Path, device: torch.device) -> nn.Module:
-    """A fold's best model, built as prediction builds it (`lesionstack.inference.predictor`)."""
+    """One trained network from `cfg`'s model section and `weights`, built as prediction builds it
+    (`lesionstack.inference.predictor`); `write_scores` loads whole folds, seed ensembles included."""
     return load_fold_model(config_to_dict(cfg.model), weights, "CNN config").to(device)
 
 
@@ -581,12 +598,13 @@ def check_oof(oof: pd.DataFrame, folds: pd.DataFrame) -> None:
 
 def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
                  art: ArtifactPaths, rt: Runtime, inputs: dict[str, str | None]) -> dict[str, Any]:
-    """Score each fold's val rows with its own best model (OOF) and the test set with every fold model
+    """Score each fold's val rows with its own fold model (OOF) and the test set with every fold model
     (through the `Predictor`, as `predict` does: an unreadable test crop is NaN, never a stop); record
     `inputs` (what they were scored from) last."""
     parts = []
     for fold in sorted(folds["fold"].unique()):
-        model = rt.place(scoring_model(cfg, art.cnn_fold(fold).kept_weights, rt.device))
+        files = art.cnn_fold(fold)  # its seed ensemble when it has members, as prediction loads it
+        model = rt.place(load_cnn_fold(files, read_config_dict(files.config)))
         val = folds[folds["fold"] == fold]
         val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
         scores = sigmoid(predict_logits(model, val_ds, rt, desc=f"OOF fold {fold}"))
@@ -617,12 +635,13 @@ def score_test(data: DataPaths, folds: pd.DataFrame, cfg: CNNConfig, art: Artifa
     return predictor.score_hdf5(data.test_images, ids=tids, per_fold=True)
 
 
-def scores_inputs(data: DataPaths, art: ArtifactPaths, folds: pd.DataFrame, all_folds: Sequence[int],
-                  train_images: str) -> dict[str, str | None]:
-    """What oof_cnn / test_cnn are scored from: every fold model (its config, metrics, DONE and weights
-    bytes), the fold file, the training crops, and the test crops and ids (None without a test set)."""
-    fold_files = [p for k in all_folds for p in (art.cnn_fold(k).config, art.cnn_fold(k).metrics,
-                                                 art.cnn_fold(k).done, art.cnn_fold(k).kept_weights)]
+def scores_inputs(data: DataPaths, art: ArtifactPaths, cfg: CNNConfig, folds: pd.DataFrame,
+                  all_folds: Sequence[int], train_images: str) -> dict[str, str | None]:
+    """What oof_cnn / test_cnn are scored from: every fold model and seed-ensemble member (its config,
+    metrics, DONE and weights bytes), the fold file, the training crops, and the test crops and ids (None
+    without a test set)."""
+    members = [m for k in all_folds for m in art.cnn_fold(k).members(cfg.seeds_per_fold)]
+    fold_files = [p for m in members for p in (m.config, m.metrics, m.done, m.kept_weights)]
     inputs = {"fold_models": files_digest(fold_files), "folds": folds_digest(folds), "train_images": train_images,
               "test_images": None, "test_ids": None,
               "test_scores": "mean and per fold"}  # test_cnn files of releases before pairing held the mean only
@@ -712,8 +731,8 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
         inputs.update(aux_record)
     summary: dict[str, Any] = {"folds": train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs,
                                                     Path(folds_path))}
-    if all(art.cnn_fold(k).done.exists() for k in all_folds):
-        record = scores_inputs(data, art, folds, all_folds, train_images)
+    if all(cnn_fold_done(art.cnn_fold(k)) for k in all_folds):
+        record = scores_inputs(data, art, cfg, folds, all_folds, train_images)
         if scores_up_to_date(data, art, record):
             summary.update(read_scores(folds, art))
         else:
@@ -726,20 +745,25 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
 def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
                 rt: Runtime, on_epoch_end: EpochHook | None, inputs: dict[str, str],
                 folds_path: Path) -> dict[int, dict[str, Any]]:
-    """`train_fold` for each fold of `todo`: one after the other, or `cfg.fold_workers` at a time in their
-    own processes (CPU, one process, no epoch hook); returns {fold: metrics}."""
-    workers = min(cfg.fold_workers, len(todo))
+    """`train_fold` for each fold of `todo` and each of its `seeds_per_fold` members: one after the other,
+    or `cfg.fold_workers` at a time in their own processes (CPU, one process, no epoch hook); returns
+    {fold: metrics of its member 0}."""
+    todo_members = [(k, r) for k in todo for r in range(cfg.seeds_per_fold)]
+    workers = min(cfg.fold_workers, len(todo_members))
     if workers <= 1 or rt.ctx.active or rt.device.type != "cpu" or on_epoch_end is not None:
-        return {k: _fold_or_name_it(k, folds_path, train_fold, k, folds, images, cfg, art.cnn_fold(k), rt,
-                                    on_epoch_end, inputs=inputs) for k in todo}
-    log.info("training folds %s, %d at a time (a process each, %d torch thread(s) each)", list(todo), workers,
-             max(cfg.cpu_threads, 1))
+        done = {(k, r): _fold_or_name_it(k, folds_path, train_fold, k, folds, images, member_config(cfg, r),
+                                         art.cnn_fold(k).member(r), rt, on_epoch_end, inputs=inputs)
+                for k, r in todo_members}
+        return {k: done[(k, 0)] for k in todo}
+    log.info("training folds %s (%d model(s) each), %d at a time (a process each, %d torch thread(s) each)",
+             list(todo), cfg.seeds_per_fold, workers, max(cfg.cpu_threads, 1))
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
                              initargs=(os.getpid(),)) as pool:
-        jobs = {pool.submit(_fold_or_name_it, k, folds_path, _train_fold_in_process, k, folds, images.path, cfg,
-                            art.cnn_fold(k), inputs): k for k in todo}
+        jobs = {pool.submit(_fold_or_name_it, k, folds_path, _train_fold_in_process, k, folds, images.path,
+                            member_config(cfg, r), art.cnn_fold(k).member(r), inputs): (k, r)
+                for k, r in todo_members}
         done = {jobs[job]: job.result() for job in rt.bar(as_completed(jobs), "CNN folds", total=len(jobs))}
-    return {k: done[k] for k in todo}
+    return {k: done[(k, 0)] for k in todo}
 
 
 def _fold_or_name_it(fold: int, folds_path: Path, train: Callable[..., dict[str, Any]], *args: Any,

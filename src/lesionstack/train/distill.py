@@ -112,6 +112,8 @@ class DistillConfig(CNNConfig):
             raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0, got {self.temperature}")
+        if self.seeds_per_fold != 1:
+            raise ConfigError(f"a student fold is one model: seeds_per_fold must be 1, got {self.seeds_per_fold}")
         if self.model.gate != "none":
             raise ConfigError(f"the student is image-only: model.gate must be 'none', got {self.model.gate!r}")
 

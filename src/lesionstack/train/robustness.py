@@ -28,7 +28,7 @@ from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.files import atomic_path, write_json
 from lesionstack.folds import read_folds
-from lesionstack.inference.predictor import load_fold_model
+from lesionstack.inference.predictor import load_cnn_fold
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.resume import record_or_check_inputs
 from lesionstack.runtime import RunSettings, Runtime, predict_logits
@@ -65,7 +65,7 @@ def fold_models(art: ArtifactPaths, model: str, folds: Sequence[int]) -> Iterato
         if model == "cnn":
             files = art.cnn_fold(k)
             cfg = read_config_dict(files.config)
-            yield k, load_fold_model(cfg["model"], files.kept_weights, str(files.config)).eval(), cfg
+            yield k, load_cnn_fold(files, cfg).eval(), cfg
         else:
             net, student = load_student(art.distill_fold(model, k).dir)
             yield k, net, config_to_dict(student)

@@ -1,0 +1,128 @@
+"""train-cnn with `seeds_per_fold`: each fold trains a model per seed (member 0 in the fold folder, member r in
+`member_r/`), the fold scores with the mean logit of its members (OOF, test, Predictor), a member is the
+same model a one-seed run with its seed trains, an unfinished member keeps the fold unfinished and
+resumes alone, and a changed member count is refused. Tiny nets, 24 lesions in 2 folds, 1 epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from _cnn_data import make_cnn_data
+from lesionstack.config import ConfigError, read_config_dict
+from lesionstack.data.dataset import CropDataset
+from lesionstack.inference.package import halve_cnn_weights
+from lesionstack.inference.predictor import Predictor, cnn_folds, load_cnn_fold
+from lesionstack.models import ModelConfig, SeedEnsemble
+from lesionstack.paths import ArtifactPaths
+from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
+from lesionstack.train.cnn import CNNConfig, scoring_model, train_cnn
+from lesionstack.train.distill import DistillConfig
+
+CPU = torch.device("cpu")
+
+
+def tiny_config(**changes: object) -> CNNConfig:
+    model = ModelConfig(classifier="test_resnet", segmenter_encoder="test_resnet", gate="freeze")
+    cfg = CNNConfig(model=model, image_size=32, batch_size=8, eval_batch_size=32, epochs=1, lr=1e-3,
+                    warmup_epochs=0.5, num_workers=0, cpu_threads=1, progress=False)
+    return dataclasses.replace(cfg, **changes)
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, CNNConfig]:
+    """Both folds with two seeds each, two members at a time in their own processes."""
+    root = make_cnn_data(tmp_path_factory.mktemp("data"))
+    out = tmp_path_factory.mktemp("art")
+    cfg = tiny_config(seeds_per_fold=2, fold_workers=2)
+    train_cnn(root, root / "folds.csv", cfg, out)
+    return root, out, cfg
+
+
+def member_logits(cfg: CNNConfig, weights: Path, ds: CropDataset) -> np.ndarray:
+    rt = Runtime(RunSettings.pick(cfg), CPU, None, DistContext())
+    return predict_logits(scoring_model(cfg, weights, CPU), ds, rt)
+
+
+def test_each_member_is_the_model_a_one_seed_run_with_its_seed_trains(ensemble: tuple[Path, Path, CNNConfig],
+                                                                       tmp_path: Path) -> None:
+    root, out, cfg = ensemble
+    for seed, member in ((42, 0), (43, 1)):
+        alone = tmp_path / f"seed_{seed}"
+        train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, seeds_per_fold=1, fold_workers=1, seed=seed),
+                  alone)
+        for k in (0, 1):
+            files = ArtifactPaths(out).cnn_fold(k).member(member)
+            assert read_config_dict(files.config)["seed"] == seed
+            got, want = load_weights(files.safetensors), load_weights(ArtifactPaths(alone).cnn_fold(k).safetensors)
+            assert all(torch.equal(got[key], want[key]) for key in want), (seed, k)
+    first, second = (load_weights(ArtifactPaths(out).cnn_fold(0).member(r).safetensors) for r in (0, 1))
+    assert not all(torch.equal(first[key], second[key]) for key in first)  # two seeds, two models
+
+
+def test_the_fold_scores_with_the_mean_logit_of_its_members(ensemble: tuple[Path, Path, CNNConfig]) -> None:
+    root, out, cfg = ensemble
+    art = ArtifactPaths(out)
+    oof, test = pd.read_parquet(art.oof_cnn), pd.read_parquet(art.test_cnn)
+    test_ds = CropDataset(root / "test-image.hdf5", test["isic_id"], None, cfg.image_size)
+    for k in (0, 1):
+        rows = oof[oof["fold"] == k]
+        val_ds = CropDataset(root / "train-image.hdf5", rows["isic_id"], None, cfg.image_size)
+        members = art.cnn_fold(k).members(2)
+        for ds, scores in ((val_ds, rows["score"]), (test_ds, test[f"score_fold_{k}"])):
+            logits = [member_logits(cfg, m.safetensors, ds) for m in members]
+            assert not np.allclose(logits[0], logits[1], atol=1e-4)
+            np.testing.assert_allclose(scores, sigmoid((logits[0] + logits[1]) / 2), rtol=1e-5, atol=1e-6)
+    predictor = Predictor.load(out, device="cpu", progress=False)
+    assert predictor.folds == [0, 1] and len(predictor.models) == 4  # Grad-CAM sees every member
+    by_fold = predictor.score_hdf5(root / "test-image.hdf5", ids=test["isic_id"].tolist(), per_fold=True)
+    np.testing.assert_allclose(by_fold["score_fold_1"], test["score_fold_1"], rtol=1e-5, atol=1e-6)
+
+
+def test_an_unfinished_member_keeps_its_fold_unfinished_and_resumes_alone(ensemble: tuple[Path, Path, CNNConfig],
+                                                                          tmp_path: Path) -> None:
+    root, out, cfg = ensemble
+    copy = tmp_path / "art"
+    shutil.copytree(out, copy)
+    art = ArtifactPaths(copy)
+    member = art.cnn_fold(1).member(1)
+    before = load_weights(member.safetensors)
+    member.done.unlink()
+    with pytest.raises(FileNotFoundError, match=r"CNN fold\(s\) \[1\] did not finish"):
+        cnn_folds(art)
+    with pytest.raises(FileNotFoundError, match="member_1/DONE"):
+        load_cnn_fold(art.cnn_fold(1), read_config_dict(art.cnn_fold(1).config))
+    untouched = art.cnn_fold(0).member(1).done.stat().st_mtime_ns
+    train_cnn(root, root / "folds.csv", cfg, copy)
+    assert member.done.is_file() and art.cnn_fold(0).member(1).done.stat().st_mtime_ns == untouched
+    after = load_weights(member.safetensors)
+    assert all(torch.equal(before[key], after[key]) for key in before)  # retrained to the same bits
+    pd.testing.assert_frame_equal(pd.read_parquet(art.oof_cnn), pd.read_parquet(ArtifactPaths(out).oof_cnn))
+    assert isinstance(load_cnn_fold(art.cnn_fold(0), read_config_dict(art.cnn_fold(0).config)), SeedEnsemble)
+
+
+def test_a_changed_number_of_seeds_is_refused_naming_the_key(ensemble: tuple[Path, Path, CNNConfig]) -> None:
+    root, out, cfg = ensemble
+    with pytest.raises(ConfigError, match="seeds_per_fold"):
+        train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, seeds_per_fold=1), out)
+
+
+def test_fp16_bundle_weights_reach_every_member(ensemble: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
+    _, out, _ = ensemble
+    shutil.copytree(ArtifactPaths(out).cnn_dir, tmp_path / "cnn", ignore=shutil.ignore_patterns("checkpoint.pt"))
+    assert halve_cnn_weights(tmp_path / "cnn") == 4
+    member = load_weights(tmp_path / "cnn" / "fold_1" / "member_1" / "model.safetensors")
+    assert all(v.dtype == torch.float16 for v in member.values() if v.is_floating_point())
+
+
+def test_seeds_per_fold_must_be_positive_and_a_student_has_one() -> None:
+    with pytest.raises(ConfigError, match="seeds_per_fold must be >= 1"):
+        tiny_config(seeds_per_fold=0)
+    with pytest.raises(ConfigError, match="seeds_per_fold must be 1"):
+        DistillConfig(seeds_per_fold=2)
