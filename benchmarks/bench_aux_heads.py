@@ -77,7 +77,9 @@ def cpu_seconds() -> float:
 
 
 def train_variant(args: argparse.Namespace, name: str, aux: AuxDiagnosisConfig | None) -> dict[str, Any]:
-    cfg = load_cnn_config(args.config, segmenter=args.segmenter, epochs=args.epochs, val_every=args.val_every)
+    # one seed per fold: the aux heads are read from each fold's one model (and were measured so)
+    cfg = load_cnn_config(args.config, segmenter=args.segmenter, epochs=args.epochs, val_every=args.val_every,
+                          seeds_per_fold=1)
     cfg = dataclasses.replace(cfg, aux_diagnosis=aux)
     start, cpu, load = time.perf_counter(), cpu_seconds(), os.getloadavg()
     train_cnn(args.data_dir, args.folds, cfg, args.out / name, folds_only=args.folds_only)

@@ -21,6 +21,7 @@ from lesionstack.inference.package import halve_cnn_weights
 from lesionstack.inference.predictor import Predictor, cnn_folds, load_cnn_fold
 from lesionstack.models import ModelConfig, SeedEnsemble
 from lesionstack.paths import ArtifactPaths
+from lesionstack.resume import ResumeError
 from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
 from lesionstack.train.cnn import CNNConfig, scoring_model, train_cnn
 from lesionstack.train.distill import DistillConfig
@@ -66,6 +67,23 @@ def test_each_member_is_the_model_a_one_seed_run_with_its_seed_trains(ensemble: 
     assert not all(torch.equal(first[key], second[key]) for key in first)  # two seeds, two models
 
 
+class FixedLogits(torch.nn.Module):
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.tensor(logits)
+
+    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor:
+        return self.logits[: len(x)]
+
+
+def test_a_seed_ensemble_averages_logits_not_probabilities() -> None:
+    pair = SeedEnsemble([FixedLogits([4.0, -2.0]), FixedLogits([0.0, 2.0])])
+    assert torch.equal(pair(torch.zeros(2, 3, 8, 8)), torch.tensor([2.0, 0.0]))  # probabilities: 0.49, 0.5
+    assert pair.segmenter is None and pair.mask(torch.zeros(2, 3, 8, 8)) is None
+    with pytest.raises(ValueError, match="at least 2 members"):
+        SeedEnsemble([FixedLogits([0.0])])
+
+
 def test_the_fold_scores_with_the_mean_logit_of_its_members(ensemble: tuple[Path, Path, CNNConfig]) -> None:
     root, out, cfg = ensemble
     art = ArtifactPaths(out)
@@ -98,19 +116,28 @@ def test_an_unfinished_member_keeps_its_fold_unfinished_and_resumes_alone(ensemb
         cnn_folds(art)
     with pytest.raises(FileNotFoundError, match="member_1/DONE"):
         load_cnn_fold(art.cnn_fold(1), read_config_dict(art.cnn_fold(1).config))
-    untouched = art.cnn_fold(0).member(1).done.stat().st_mtime_ns
+    others = [art.cnn_fold(k).member(r).done for k, r in ((0, 0), (0, 1), (1, 0))]
+    untouched = [p.stat().st_mtime_ns for p in others]
     train_cnn(root, root / "folds.csv", cfg, copy)
-    assert member.done.is_file() and art.cnn_fold(0).member(1).done.stat().st_mtime_ns == untouched
+    assert member.done.is_file() and [p.stat().st_mtime_ns for p in others] == untouched
     after = load_weights(member.safetensors)
     assert all(torch.equal(before[key], after[key]) for key in before)  # retrained to the same bits
     pd.testing.assert_frame_equal(pd.read_parquet(art.oof_cnn), pd.read_parquet(ArtifactPaths(out).oof_cnn))
     assert isinstance(load_cnn_fold(art.cnn_fold(0), read_config_dict(art.cnn_fold(0).config)), SeedEnsemble)
 
 
-def test_a_changed_number_of_seeds_is_refused_naming_the_key(ensemble: tuple[Path, Path, CNNConfig]) -> None:
+def test_a_changed_number_of_seeds_is_refused_naming_the_key(ensemble: tuple[Path, Path, CNNConfig],
+                                                              tmp_path: Path) -> None:
     root, out, cfg = ensemble
-    with pytest.raises(ConfigError, match="seeds_per_fold"):
-        train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, seeds_per_fold=1), out)
+    copy = tmp_path / "two"
+    shutil.copytree(out, copy)
+    with pytest.raises(ResumeError, match="seeds_per_fold: saved=2 now=1"):
+        train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, seeds_per_fold=1), copy)
+    one = tmp_path / "one"  # an artifacts folder of one seed per fold, then a config with two
+    train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, seeds_per_fold=1, fold_workers=1), one)
+    with pytest.raises(ResumeError, match="seeds_per_fold: saved=1 now=2"):
+        train_cnn(root, root / "folds.csv", cfg, one)
+    assert not list((one / "cnn").glob("fold_*/member_*"))  # refused before any member trained
 
 
 def test_fp16_bundle_weights_reach_every_member(ensemble: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:

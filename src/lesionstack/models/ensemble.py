@@ -25,7 +25,8 @@ class SeedEnsemble(nn.Module):
 
     @property
     def segmenter(self) -> nn.Module | None:
-        """The first member's segmenter (with gate: freeze every member holds the same one)."""
+        """The first member's segmenter (with gate: freeze from trained segmenter weights, every member holds
+        the same one; `mask` averages them either way)."""
         return getattr(self.members[0], "segmenter", None)
 
     def mask(self, x: torch.Tensor) -> torch.Tensor | None:

@@ -56,7 +56,7 @@ from lesionstack.data.metadata import check_images_cover, id_mismatch
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import assign_folds, folds_digest, read_folds
-from lesionstack.inference.predictor import Predictor, cnn_fold_done, load_cnn_fold, load_fold_model
+from lesionstack.inference.predictor import Predictor, cnn_fold_done, load_cnn_fold, load_fold_model, seeds_per_fold
 from lesionstack.metrics import MetricError, pauc, roc_auc
 from lesionstack.models import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
@@ -413,8 +413,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     or from other inputs (default: `fold_inputs` of `folds` and `images`) is refused, naming the key.
     """
     inputs = inputs if inputs is not None else fold_inputs(folds, images_digest(images.path), cfg.model)
-    ignore = RUNTIME_KEYS + PROVENANCE_KEYS + (MONITOR_KEYS if cfg.keep == "last" else ())
-    decision = guard(files, cfg, inputs, ignore=ignore, write=rt.ctx.is_main)
+    decision = guard(files, cfg, inputs, ignore=guard_ignore(cfg), write=rt.ctx.is_main)
     barrier(rt.ctx)
     if decision is Resume.SKIP:
         log.info("fold %d: already done, skipped (%s)", fold, files.done)
@@ -474,6 +473,12 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
         if on_epoch_end is not None:
             on_epoch_end(fold, state.epoch)
     return finish_fold(files, state, len(train_ds), len(val_ds), rt.ctx)
+
+
+def guard_ignore(cfg: CNNConfig) -> tuple[str, ...]:
+    """The config keys a finished or checkpointed fold may differ in: speed, provenance, and with keep: last
+    the monitoring keys (validation there cannot change the weights)."""
+    return RUNTIME_KEYS + PROVENANCE_KEYS + (MONITOR_KEYS if cfg.keep == "last" else ())
 
 
 def training_and_validation_rows(folds: pd.DataFrame, fold: int, cfg: CNNConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -635,12 +640,13 @@ def score_test(data: DataPaths, folds: pd.DataFrame, cfg: CNNConfig, art: Artifa
     return predictor.score_hdf5(data.test_images, ids=tids, per_fold=True)
 
 
-def scores_inputs(data: DataPaths, art: ArtifactPaths, cfg: CNNConfig, folds: pd.DataFrame,
-                  all_folds: Sequence[int], train_images: str) -> dict[str, str | None]:
+def scores_inputs(data: DataPaths, art: ArtifactPaths, folds: pd.DataFrame, all_folds: Sequence[int],
+                  train_images: str) -> dict[str, str | None]:
     """What oof_cnn / test_cnn are scored from: every fold model and seed-ensemble member (its config,
     metrics, DONE and weights bytes), the fold file, the training crops, and the test crops and ids (None
     without a test set)."""
-    members = [m for k in all_folds for m in art.cnn_fold(k).members(cfg.seeds_per_fold)]
+    members = [m for k in all_folds for m in art.cnn_fold(k).members(seeds_per_fold(read_config_dict(
+        art.cnn_fold(k).config)))]  # each fold's own count: `--folds-only` runs may have trained them apart
     fold_files = [p for m in members for p in (m.config, m.metrics, m.done, m.kept_weights)]
     inputs = {"fold_models": files_digest(fold_files), "folds": folds_digest(folds), "train_images": train_images,
               "test_images": None, "test_ids": None,
@@ -732,7 +738,7 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     summary: dict[str, Any] = {"folds": train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs,
                                                     Path(folds_path))}
     if all(cnn_fold_done(art.cnn_fold(k)) for k in all_folds):
-        record = scores_inputs(data, art, cfg, folds, all_folds, train_images)
+        record = scores_inputs(data, art, folds, all_folds, train_images)
         if scores_up_to_date(data, art, record):
             summary.update(read_scores(folds, art))
         else:
@@ -749,6 +755,8 @@ def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg:
     or `cfg.fold_workers` at a time in their own processes (CPU, one process, no epoch hook); returns
     {fold: metrics of its member 0}."""
     todo_members = [(k, r) for k in todo for r in range(cfg.seeds_per_fold)]
+    for k, r in todo_members:  # refuse before any job starts: a pool would train the others meanwhile
+        guard(art.cnn_fold(k).member(r), member_config(cfg, r), inputs, ignore=guard_ignore(cfg), write=False)
     workers = min(cfg.fold_workers, len(todo_members))
     if workers <= 1 or rt.ctx.active or rt.device.type != "cpu" or on_epoch_end is not None:
         done = {(k, r): _fold_or_name_it(k, folds_path, train_fold, k, folds, images, member_config(cfg, r),
