@@ -82,11 +82,14 @@ def seeds_per_fold(fold_config: dict[str, Any]) -> int:
     return int(fold_config.get("seeds_per_fold", 1))
 
 
+def cnn_fold_members(files: FoldFiles) -> list[FoldFiles]:
+    """The files of a CNN fold's seed-ensemble members, as many as its saved config names."""
+    return files.members(seeds_per_fold(read_config_dict(files.config)))
+
+
 def cnn_fold_done(files: FoldFiles) -> bool:
     """A CNN fold is finished when it and every seed-ensemble member its config names wrote DONE."""
-    if not files.done.is_file():
-        return False
-    return all(m.done.is_file() for m in files.members(seeds_per_fold(read_config_dict(files.config))))
+    return files.done.is_file() and all(m.done.is_file() for m in cnn_fold_members(files))
 
 
 def load_cnn_fold(files: FoldFiles, fold_config: dict[str, Any]) -> nn.Module:
@@ -96,8 +99,9 @@ def load_cnn_fold(files: FoldFiles, fold_config: dict[str, Any]) -> nn.Module:
     missing = [str(m.done) for m in members if not m.done.is_file()]
     if missing:
         raise FileNotFoundError(f"{files.dir}: seed-ensemble member(s) unfinished, no {missing} (run train-cnn)")
-    models = [load_fold_model(read_config_dict(m.config)["model"], m.kept_weights, str(m.config))
-              for m in members]
+    sections = [fold_config["model"]] + [read_config_dict(m.config)["model"] for m in members[1:]]
+    models = [load_fold_model(section, m.kept_weights, str(m.config))
+              for section, m in zip(sections, members, strict=True)]
     return models[0] if len(models) == 1 else SeedEnsemble(models).eval()
 
 

@@ -56,7 +56,7 @@ from lesionstack.data.metadata import check_images_cover, id_mismatch
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import assign_folds, folds_digest, read_folds
-from lesionstack.inference.predictor import Predictor, cnn_fold_done, load_cnn_fold, load_fold_model, seeds_per_fold
+from lesionstack.inference.predictor import Predictor, cnn_fold_done, cnn_fold_members, load_cnn_fold, load_fold_model
 from lesionstack.metrics import MetricError, pauc, roc_auc
 from lesionstack.models import ModelConfig, build_model, param_groups, with_segmenter
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
@@ -645,8 +645,8 @@ def scores_inputs(data: DataPaths, art: ArtifactPaths, folds: pd.DataFrame, all_
     """What oof_cnn / test_cnn are scored from: every fold model and seed-ensemble member (its config,
     metrics, DONE and weights bytes), the fold file, the training crops, and the test crops and ids (None
     without a test set)."""
-    members = [m for k in all_folds for m in art.cnn_fold(k).members(seeds_per_fold(read_config_dict(
-        art.cnn_fold(k).config)))]  # each fold's own count: `--folds-only` runs may have trained them apart
+    # each fold's own count: `--folds-only` runs may have trained them apart
+    members = [m for k in all_folds for m in cnn_fold_members(art.cnn_fold(k))]
     fold_files = [p for m in members for p in (m.config, m.metrics, m.done, m.kept_weights)]
     inputs = {"fold_models": files_digest(fold_files), "folds": folds_digest(folds), "train_images": train_images,
               "test_images": None, "test_ids": None,
