@@ -14,8 +14,10 @@ import pytest
 from lesionstack.inference.package import (
     PackageError,
     Target,
+    check_versions,
     check_wheels,
     compat_requirements,
+    library_versions,
     read_image,
     shipped_requirements,
 )
@@ -130,3 +132,17 @@ def test_pyprojects_lower_bounds_are_the_kaggle_images_versions():
 
 KERNEL_LIBRARIES = ("torch", "torchvision", "timm", "safetensors", "numpy", "pandas", "polars", "pyarrow",
                     "scikit-learn", "lightgbm", "xgboost-cpu", "catboost", "h5py", "pillow")
+
+
+def test_a_library_version_change_is_named_and_a_patch_release_is_not(tmp_path):
+    from lesionstack.files import write_json
+    from lesionstack.paths import ArtifactPaths
+
+    here = {name: v for name, v in library_versions().items() if v}
+    trained = dict(here)
+    trained["numpy"] = "0.1.0"  # another minor release: named
+    trained["pandas"] = ".".join(here["pandas"].split(".")[:2] + ["999"])  # another patch release: not
+    write_json(tmp_path / "versions.json", trained)
+    lines = check_versions(ArtifactPaths(tmp_path))
+    assert lines == [f"numpy 0.1.0 trained the models, {here['numpy']} is installed"]
+    assert check_versions(ArtifactPaths(tmp_path / "none")) == []  # an artifacts folder without the record

@@ -74,7 +74,8 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
     if not art.cv_json.is_file():
         raise FileNotFoundError(f"{art.cv_json}: no trained stacker in {art.root} (run train-stack first)")
     for line in check_versions(art):
-        print(f"warning: {line}; pickled models may not load or may score differently")
+        print(f"warning: {line}; the models are in that library's own format, so they load, "
+              "but their scores may differ slightly")
     meta = read_metadata(data.test_metadata, kind="test")
     drift = read_drift_warnings(meta, art.features_ranges, str(data.test_metadata))
     for line in drift:  # values the models never saw move scores: say which column, how many rows
