@@ -209,3 +209,39 @@ def test_task3_2017_implicit_nevus(tmp_path):
 def test_no_layout_found(tmp_path):
     with pytest.raises(DiagnosisDataError, match="no diagnosis layout found"):
         read_diagnosis(tmp_path)
+
+
+def test_folder_images_decode_as_the_hdf5_crops_do(tmp_path):
+    """JPEG and PNG files go through `decode_image`: the same DCT scaling, `max_side`, pixel limits and
+    errors naming the file as the competition's HDF5 crops (a PNG used to bypass the pixel limit)."""
+    import io
+    import struct
+    import zlib
+
+    import simplejpeg
+    from PIL import Image
+
+    from lesionstack.data.decode import CorruptImageError, ImageTooLargeError
+    from lesionstack.data.diagnosis import FolderImages
+
+    rgb = np.random.default_rng(0).integers(0, 256, (300, 200, 3), dtype=np.uint8)
+    (tmp_path / "a.jpg").write_bytes(simplejpeg.encode_jpeg(rgb, quality=95))
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    (tmp_path / "b.png").write_bytes(buf.getvalue())
+    (tmp_path / "c.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    # a PNG whose header claims 20,000 x 20,000 px: refused from the header, never decoded
+    ihdr = struct.pack(">IIBBBBB", 20_000, 20_000, 8, 2, 0, 0, 0)
+    chunk = b"IHDR" + ihdr
+    bomb = b"\x89PNG\r\n\x1a\n" + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk))
+    (tmp_path / "d.png").write_bytes(bomb)
+    images = FolderImages.scan([tmp_path], tmp_path)
+    assert images.ids == ["a", "b", "c", "d"]
+    assert images.read("a").shape == (300, 200, 3)
+    assert images.read("a", min_side=50).shape == (75, 50, 3)  # libjpeg's 1/4 scale keeps both sides >= 50
+    assert np.array_equal(images.read("b"), rgb)
+    assert images.read("b", max_side=60).shape == (60, 40, 3)
+    with pytest.raises(CorruptImageError, match="c.jpg"):
+        images.read("c")
+    with pytest.raises(ImageTooLargeError, match="d.png"):
+        images.read("d")

@@ -30,7 +30,8 @@ import pandas as pd
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold
 
-from lesionstack.data.hdf5 import CorruptImageError, H5Images, decode_jpeg
+from lesionstack.data.decode import decode_image
+from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.metadata import MetadataError, check_images_cover, read_metadata
 from lesionstack.data.schema import ID_COLUMN, PATIENT_COLUMN
 from lesionstack.paths import DataPaths
@@ -124,18 +125,11 @@ class FolderImages:
         except KeyError as err:
             raise KeyError(f"{self.path}: no image file for '{image_id}'") from err
 
-    def read(self, image_id: str, min_side: int | None = None) -> np.ndarray:
-        """One image as (H, W, 3) uint8 RGB; JPEGs decode at a reduced DCT scale like the HDF5 crops."""
-        data = self.read_bytes(image_id)
-        if data[:2] == b"\xff\xd8":
-            return decode_jpeg(data, image_id, min_side=min_side, path=self.files[image_id])
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(self.files[image_id]) as img:
-                return np.asarray(img.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as err:
-            raise CorruptImageError(image_id, f"not a readable image ({err})", self.files[image_id]) from err
+    def read(self, image_id: str, min_side: int | None = None, max_side: int | None = None) -> np.ndarray:
+        """One image as (H, W, 3) uint8 RGB, decoded as the HDF5 crops are (`decode_image`: JPEGs at a reduced
+        DCT scale, PNG and others through Pillow, both under the same pixel limits)."""
+        return decode_image(self.read_bytes(image_id), min_side=min_side, max_side=max_side, where=image_id,
+                            path=self.files[image_id])
 
     def __repr__(self) -> str:
         return f"FolderImages({str(self.path)!r}, {len(self.files)} files)"
