@@ -95,3 +95,63 @@ def test_read_folds_rejects_broken_file(tmp_path):
         read_folds(path)
     with pytest.raises(FoldError, match="not found"):
         read_folds(tmp_path / "missing.csv")
+
+
+# ---- leave-institution-out folds (--group attribution) ---------------------------------------------------
+
+
+def _with_institutions(n_institutions=7, n_patients=120, seed=0):
+    meta = _metadata(n_patients=n_patients, seed=seed)
+    patients = meta["patient_id"].unique()
+    share = np.random.default_rng(seed).dirichlet(np.full(n_institutions, 2.0))
+    site = np.random.default_rng(seed + 1).choice([f"Hospital {i}" for i in range(n_institutions)],
+                                                  len(patients), p=share)
+    return meta.assign(attribution=meta["patient_id"].map(dict(zip(patients, site))))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_institution_folds_keep_each_institution_in_one_fold(seed):
+    meta = _with_institutions(seed=seed)
+    folds = assign_folds(meta, n_folds=5, seed=seed, group="attribution")
+    assert folds["isic_id"].tolist() == meta["isic_id"].tolist()
+    assert (folds.groupby("attribution")["fold"].nunique() == 1).all()
+    assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()
+    assert sorted(folds["fold"].unique()) == list(range(5))
+    assert (folds.groupby("fold")["target"].sum() > 0).all()
+
+
+def test_institution_folds_refuse_more_folds_than_institutions():
+    meta = _with_institutions(n_institutions=3)
+    with pytest.raises(FoldError, match=r"5 folds need at least 5 distinct 'attribution' values; the data have 3"):
+        assign_folds(meta, n_folds=5, group="attribution")
+    assert assign_folds(meta, n_folds=3, group="attribution")["fold"].nunique() == 3
+
+
+def test_institution_folds_name_a_bad_row_and_a_split_patient():
+    meta = _with_institutions()
+    meta.loc[5, "attribution"] = None
+    with pytest.raises(FoldError, match=r"column 'attribution' is empty in row 7 \(isic_id 'ISIC_0000005'\)"):
+        assign_folds(meta, group="attribution")
+    meta = _with_institutions()
+    first = meta["patient_id"].iloc[0]
+    meta.loc[meta.index[meta["patient_id"] == first][:1], "attribution"] = "Elsewhere"
+    with pytest.raises(FoldError, match=f"patient '{first}' has lesions in more than one 'attribution'"):
+        assign_folds(meta, group="attribution")
+    with pytest.raises(FoldError, match="no column 'hospital'"):
+        assign_folds(meta, group="hospital")
+
+
+def test_institution_fold_file_round_trips_and_is_checked(tmp_path):
+    folds = assign_folds(_with_institutions(), n_folds=4, group="attribution")
+    path = tmp_path / "folds.csv"
+    folds.to_csv(path, index=False)
+    assert list(read_folds(path).columns) == ["isic_id", "patient_id", "target", "fold"]
+    assert "attribution" in read_folds(path, keep_group=True).columns
+    broken = folds.copy()
+    inst = broken["attribution"].iloc[0]
+    rows = broken.index[broken["attribution"] == inst]
+    moved = broken.loc[rows, "patient_id"].iloc[-1]  # move one whole patient of that institution elsewhere
+    broken.loc[broken["patient_id"] == moved, "fold"] = (broken.loc[rows[0], "fold"] + 1) % 4
+    broken.to_csv(path, index=False)
+    with pytest.raises(FoldError, match=f"attribution '{inst}' is in more than one fold"):
+        read_folds(path)

@@ -136,17 +136,23 @@ def folds_cmd(
         Str, typer.Option(help="greedy (balances positives) or sklearn (default: FoldsConfig.method).")
     ] = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing fold file with different content.")] = False,
+    group: Annotated[Str, typer.Option(
+        help="Column whose values each stay in one fold: attribution gives leave-institution-out folds "
+             "(default: FoldsConfig.group, patient_id).")] = None,
 ) -> None:
     """Patient-grouped, stratified K folds of the training metadata (written once, read everywhere)."""
     from lesionstack.config import load_config
-    from lesionstack.folds import FoldsConfig, FoldsResult, make_folds_file
+    from lesionstack.folds import FoldsConfig, FoldsResult, fold_group, make_folds_file
 
-    cfg = load_config(FoldsConfig, None, n_folds=n_folds, seed=seed, method=method)
-    folds = FoldsResult.of(make_folds_file(data_dir, out, n_folds=cfg.n_folds, seed=cfg.seed,
-                                           method=cfg.method, force=force), out)  # type: ignore[arg-type]
+    cfg = load_config(FoldsConfig, None, n_folds=n_folds, seed=seed, method=method, group=group)
+    table = make_folds_file(data_dir, out, n_folds=cfg.n_folds, seed=cfg.seed, method=cfg.method,  # type: ignore[arg-type]
+                            force=force, group=cfg.group)
+    folds = FoldsResult.of(table, out)
     typer.echo(f"wrote {out}: {sum(folds.lesions)} rows, {folds.n_patients} patients")
+    by = fold_group(table)
     for fold, (n, pos) in enumerate(zip(folds.lesions, folds.positives, strict=True)):
-        typer.echo(f"  fold {fold}: {n} lesions, {pos} positives")
+        held = f" ({'; '.join(sorted(table.loc[table['fold'] == fold, by].unique()))})" if by else ""
+        typer.echo(f"  fold {fold}: {n} lesions, {pos} positives{held}")
 
 
 @app.command("train-seg")

@@ -81,6 +81,44 @@ def optuna_objective_value(fold_scores: list[float]) -> float:
     return float(np.mean(fold_scores))
 
 
+TOP_N = 15
+
+
+def top_n_sensitivity(y_true: ArrayLike, y_score: ArrayLike, patient: ArrayLike, n: int = TOP_N) -> float:
+    """ISIC 2024's secondary prize metric, "top-15 retrieval sensitivity": for each patient with at least one
+    malignant lesion, the share of that patient's malignant lesions among the patient's `n` highest-scored
+    lesions; then the mean over those patients (patients without a malignant lesion are left out).
+
+    As in the organisers' scorer (ISIC-Research/Challenge-2024-Metrics, SecondaryMetric-TopNSensitivity.py:
+    `target_fraction` summed over each patient's `nlargest(15)` rows, divided by the number of patients with a
+    malignancy), a patient with 15 or fewer lesions scores 1, and ties at the cut keep the rows that come first.
+    Range [0, 1].
+    """
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    p = np.asarray(y_score, dtype=np.float64).ravel()
+    g = np.asarray(patient).ravel()
+    if not (y.shape == p.shape == g.shape):
+        raise MetricError(f"y_true, y_score and patient have {y.size}, {p.size} and {g.size} values")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise MetricError("y_true must hold only 0 and 1")
+    if not np.isfinite(p).all():
+        raise MetricError(f"y_score holds {int((~np.isfinite(p)).sum())} non-finite value(s)")
+    if n < 1:
+        raise MetricError(f"n must be at least 1, got {n}")
+    codes = np.unique(g, return_inverse=True)[1]
+    positives = np.bincount(codes, weights=y)
+    if not positives.any():
+        raise MetricError("top-N sensitivity needs at least one malignant lesion")
+    # by patient, then score descending, then original row order (pandas nlargest keeps the first of ties)
+    order = np.lexsort((np.arange(y.size), -p, codes))
+    sorted_codes = codes[order]
+    starts = np.searchsorted(sorted_codes, sorted_codes, side="left")
+    within = np.arange(y.size) - starts  # 0-based rank inside the patient
+    found = np.bincount(sorted_codes[within < n], weights=y[order][within < n], minlength=positives.size)
+    with_cancer = positives > 0
+    return float(np.mean(found[with_cancer] / positives[with_cancer]))
+
+
 # ---- multi-class diagnosis: the metrics of ISIC 2018/2019 Task 3 and HAM10000 -----------------------------
 
 

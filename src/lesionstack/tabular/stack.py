@@ -32,10 +32,10 @@ from sklearn.utils.validation import check_is_fitted
 from tqdm.auto import tqdm
 
 from lesionstack.data.metadata import id_mismatch
-from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
+from lesionstack.data.schema import ID_COLUMN, PATIENT_COLUMN, TARGET_COLUMN
 from lesionstack.files import atomic_path, read_json, write_bytes, write_json, write_text
 from lesionstack.folds import folds_digest, read_folds
-from lesionstack.metrics import pauc, roc_auc
+from lesionstack.metrics import pauc, roc_auc, top_n_sensitivity
 from lesionstack.paths import ArtifactPaths, FoldFiles
 from lesionstack.resume import Resume, frame_digest, guard
 from lesionstack.tabular.features import CAT_PREFIX, CATEGORY_VOCAB, CNN_PREFIX, categorical_columns, has_cnn
@@ -535,6 +535,9 @@ def _summarise(oof: pd.DataFrame, oof_cnn: pd.DataFrame | None, folds: pd.DataFr
         models["tabular"] = _fold_scores(y, oof["score_tabular"].to_numpy(), fold, n_folds)
     if oof_cnn is not None:
         models["cnn"] = _fold_scores(y, oof["score_cnn"].to_numpy(), fold, n_folds)
+    patient = oof[PATIENT_COLUMN].to_numpy()  # each patient sits in one fold: one model ranks its lesions
+    for name, entry in models.items():
+        entry["top15_oof"] = top_n_sensitivity(y, oof["score" if name == "blend" else f"score_{name}"], patient)
     cols = [ID_COLUMN, "fold", TARGET_COLUMN, "score", *[f"score_{m}" for m in cfg.models]]
     oof = oof[cols + [c for c in ("score_tabular", "score_cnn") if c in oof]]
     cv = {"metric": "pauc", "n_folds": n_folds, "n_rows": len(oof), "n_positives": int(y.sum()),
@@ -640,7 +643,8 @@ def format_cv(cv: dict[str, Any]) -> str:
         lines.append(f"tuned params for {cv['tuned_params']['model']} from {cv['tuned_params']['source']}")
     for name, m in cv["models"].items():
         lines.append(f"  {name:9s} pAUC {m['pauc_mean']:.4f} +- {m['pauc_std']:.4f} (OOF {m['pauc_oof']:.4f}), "
-                     f"AUC {m['auc_mean']:.4f}")
+                     f"AUC {m['auc_mean']:.4f}"
+                     + (f", top-15 sensitivity {m['top15_oof']:.3f}" if "top15_oof" in m else ""))
     return "\n".join(lines)
 
 
