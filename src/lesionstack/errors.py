@@ -12,6 +12,7 @@ Errors are matched by class name along the exception's MRO, so this module impor
 from __future__ import annotations
 
 import errno
+import re
 from dataclasses import dataclass
 
 
@@ -75,9 +76,18 @@ def classify(err: BaseException) -> ErrorKind | None:
     return None
 
 
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def plain(err: BaseException) -> str:
+    """A library's message without the Python object reprs some put in it (Pillow names the in-memory file it
+    read as `<_io.BytesIO object at 0x...>`): a user reads "the image data" instead."""
+    return _OBJECT_REPR.sub("the image data", str(err))
+
+
 def one_line(err: BaseException, kind: ErrorKind) -> str:
     """`lesionstack: <kind> error: <message>` + the hint on a second line."""
-    message = " ".join(str(err).split()) or type(err).__name__  # one line whatever the message held
+    message = " ".join(plain(err).split()) or type(err).__name__  # one line whatever the message held
     if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
         message = f"{message}: {err.filename}"
     return f"lesionstack: {kind.kind} error: {message}\n  what to do: {kind.hint}"

@@ -30,6 +30,8 @@ import struct
 
 import numpy as np
 
+from lesionstack.errors import plain
+
 try:
     import simplejpeg
 except ImportError:  # e.g. a Kaggle image without the wheel: Pillow decodes, more slowly
@@ -49,7 +51,11 @@ class CorruptImageError(ValueError):
     def __init__(self, isic_id: str, reason: str, path: str | os.PathLike[str] | None = None) -> None:
         where = f" in {path}" if path else ""
         super().__init__(f"image '{isic_id}'{where}: {reason}")
-        self.isic_id = isic_id
+        self.isic_id, self.reason, self.path = isic_id, reason, path
+
+    def __reduce__(self) -> tuple:
+        # rebuilt from its own arguments, so it crosses a process pool (a fold worker) intact
+        return type(self), (self.isic_id, self.reason, self.path)
 
 
 class ImageTooLargeError(CorruptImageError):
@@ -84,7 +90,7 @@ def decode_image(data: bytes, *, min_side: int | None = None, max_side: int | No
     except CorruptImageError:
         raise
     except (ValueError, RuntimeError, OSError, SyntaxError, struct.error) as err:
-        raise CorruptImageError(where, f"not a decodable {fmt if fmt != 'other' else 'image'} ({err})",
+        raise CorruptImageError(where, f"not a decodable {fmt if fmt != 'other' else 'image'} ({plain(err)})",
                                 path) from err
     if max_side and max(array.shape[:2]) > max_side:
         array = shrink(array, max_side)
@@ -180,7 +186,7 @@ def _decode_pillow(data: bytes, need: int | None, max_pixels: int, where: str,
         try:
             return _open_pillow(data, need, max_pixels, where, path)
         except Image.DecompressionBombError as err:
-            raise ImageTooLargeError(where, f"refused as a decompression bomb ({err})", path) from err
+            raise ImageTooLargeError(where, f"refused as a decompression bomb ({plain(err)})", path) from err
 
 
 def _open_pillow(data: bytes, need: int | None, max_pixels: int, where: str,

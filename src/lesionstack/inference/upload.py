@@ -25,6 +25,7 @@ from lesionstack.data.decode import (
     sniff_format,
 )
 from lesionstack.data.schema import CATEGORY_VALUES
+from lesionstack.errors import plain
 
 EXIF_ORIENTATION = 0x0112
 SITES = CATEGORY_VALUES["anatom_site_general"]
@@ -39,6 +40,9 @@ class UploadError(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+    def __reduce__(self) -> tuple:
+        return type(self), (self.status, str(self))
 
 
 @dataclass
@@ -169,9 +173,9 @@ def _header(data: bytes, kind: str) -> tuple[str, int, tuple[int, int]]:
             orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
             return img.mode, orientation, img.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UploadError(422, f"cannot read this {kind}'s header (truncated or corrupt?): {err}") from err
+        raise UploadError(422, f"cannot read this {kind}'s header (truncated or corrupt?): {plain(err)}") from err
     except Image.DecompressionBombError as err:  # Pillow's own cap, at open: refused as decode_image would
-        raise UploadError(413, f"the image is too large to decode: {err}") from err
+        raise UploadError(413, f"the image is too large to decode: {plain(err)}") from err
 
 
 def _notes(mode: str, orientation: int) -> list[str]:
