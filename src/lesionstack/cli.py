@@ -104,6 +104,10 @@ def demo_data_cmd(
     ham10000: Annotated[Optional[int], typer.Option(  # noqa: UP045
         help="Instead: write a HAM10000-layout folder (metadata + image folders) with this many lesions.")
     ] = None,
+    archive: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Instead: write a synthetic ISIC Archive download (`isic image download` layout: <isic_id>.JPG + "
+             "metadata.csv) with this many images, for the CNN config's `archive` key.")
+    ] = None,
 ) -> None:
     """Write a synthetic data set in exactly the competition's layout, plus masks/ for the segmenter."""
     from lesionstack.config import load_config
@@ -113,6 +117,11 @@ def demo_data_cmd(
         if ham10000 is not None:
             typer.echo(write_ham10000_demo(out_dir, lesions=ham10000, seed=seed or DemoSpec.seed,
                                            overwrite=overwrite))
+            return
+        if archive is not None:
+            from lesionstack.data.synthetic_archive import write_archive_demo
+
+            typer.echo(write_archive_demo(out_dir, images=archive, seed=seed or DemoSpec.seed, overwrite=overwrite))
             return
         spec = load_config(DemoSpec, None, patients=patients, lesions_per_patient=lesions_per_patient, seed=seed,
                            positive_rate=positive_rate, mask_count=masks, test_fraction=test_fraction,
