@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from lesionstack.data.archive import BENIGN, INDETERMINATE, MALIGNANT, read_archive
-from lesionstack.data.metadata import MetadataError
+from lesionstack.data.diagnosis import DiagnosisDataError
 from lesionstack.data.synthetic_archive import write_archive_demo
 
 
@@ -63,7 +63,7 @@ def test_unknown_value_names_file_column_line(archive: Path, tmp_path: Path, col
     meta = pd.read_csv(archive / "metadata.csv")
     meta.loc[line - 2, column] = value
     folder = _copy_with(archive, tmp_path / "a", meta)
-    with pytest.raises(MetadataError, match=rf"metadata.csv: column '{column}' line {line} .*'{value}'"):
+    with pytest.raises(DiagnosisDataError, match=rf"metadata.csv: column '{column}' line {line} .*'{value}'"):
         read_archive(folder)
 
 
@@ -71,16 +71,16 @@ def test_duplicate_id_missing_image_and_missing_columns(archive: Path, tmp_path:
     meta = pd.read_csv(archive / "metadata.csv")
     dup = meta.copy()
     dup.loc[6, "isic_id"] = dup.loc[2, "isic_id"]
-    with pytest.raises(MetadataError, match=r"column 'isic_id' has duplicate value .* lines \[4, 8\]"):
+    with pytest.raises(DiagnosisDataError, match=r"column 'isic_id' has duplicate value .* lines \[4, 8\]"):
         read_archive(_copy_with(archive, tmp_path / "dup", dup))
     folder = _copy_with(archive, tmp_path / "noimg", meta)
     (folder / f"{meta['isic_id'][9]}.JPG").unlink()
-    with pytest.raises(MetadataError, match=rf"column 'isic_id' line 11: '{meta['isic_id'][9]}' has no image"):
+    with pytest.raises(DiagnosisDataError, match=rf"column 'isic_id' line 11: '{meta['isic_id'][9]}' has no image"):
         read_archive(folder)
     bare = meta.drop(columns=["diagnosis_1", "benign_malignant"])
-    with pytest.raises(MetadataError, match=r"metadata.csv: missing column 'diagnosis_1'"):
+    with pytest.raises(DiagnosisDataError, match=r"metadata.csv: missing column 'diagnosis_1'"):
         read_archive(_copy_with(archive, tmp_path / "nodx", bare))
-    with pytest.raises(MetadataError, match=r"archive metadata file not found"):
+    with pytest.raises(DiagnosisDataError, match=r"archive metadata file not found"):
         read_archive(tmp_path / "noimg" / "..")  # a folder without metadata.csv
 
 

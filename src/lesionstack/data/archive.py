@@ -18,7 +18,7 @@ without `diagnosis_1`, as in downloads of older records. The flat legacy `diagno
 The target is three-class, as the 1st place of ISIC 2024 pretrained on: benign (0), malignant (1),
 indeterminate (2). Rows with neither column filled have no class and are left out (counted in the log);
 a value outside the schema, a duplicate or empty `isic_id`, or a record without its image stops with a
-`MetadataError` naming the file, the column and the line.
+`DiagnosisDataError` (exit code 18) naming the file, the column and the line.
 """
 
 from __future__ import annotations
@@ -32,8 +32,13 @@ import numpy as np
 import pandas as pd
 import polars as pl
 
-from lesionstack.data.diagnosis import IMAGE_SUFFIXES, FolderImages
-from lesionstack.data.metadata import MetadataError
+from lesionstack.data.diagnosis import (
+    IMAGE_SUFFIXES,
+    DiagnosisDataError,
+    FolderImages,
+    _check_unique,
+    _read_csv_strings,
+)
 from lesionstack.data.schema import ID_COLUMN
 
 log = logging.getLogger(__name__)
@@ -74,12 +79,12 @@ def read_archive(folder: str | os.PathLike[str]) -> ArchiveData:
     root = Path(folder)
     path = root / ARCHIVE_METADATA
     if not root.is_dir():
-        raise MetadataError(f"{root}: no such archive folder (expected the OUTDIR of `isic image download`)")
+        raise DiagnosisDataError(f"{root}: no such archive folder (expected the OUTDIR of `isic image download`)")
     raw = _read_strings(path)
     labels = archive_labels(raw, path)
     keep = labels >= 0
     if not keep.any():
-        raise MetadataError(f"{path}: no row has a class in '{DIAGNOSIS_1}' or '{BENIGN_MALIGNANT}'")
+        raise DiagnosisDataError(f"{path}: no row has a class in '{DIAGNOSIS_1}' or '{BENIGN_MALIGNANT}'")
     if (~keep).any():
         log.info("%s: %d of %d record(s) have no diagnosis and are left out", path, int((~keep).sum()), len(keep))
     table = pd.DataFrame({ID_COLUMN: raw[ID_COLUMN].to_list(), "label": labels})
@@ -89,36 +94,27 @@ def read_archive(folder: str | os.PathLike[str]) -> ArchiveData:
     missing = ~table[ID_COLUMN].isin(set(images.files)).to_numpy()
     if missing.any():
         i = int(np.flatnonzero(missing)[0])
-        raise MetadataError(
+        raise DiagnosisDataError(
             f"{path}: column '{ID_COLUMN}' line {table['line'][i]}: '{table[ID_COLUMN][i]}' has no image file "
             f"({'/'.join(IMAGE_SUFFIXES)}, any case) in {root} ({int(missing.sum())} of {len(table)} have none)")
     return ArchiveData(table.drop(columns="line"), images, path)
 
 
 def _read_strings(path: Path) -> pl.DataFrame:
+    """All columns as strings; isic_id filled and unique, a diagnosis column present."""
     if not path.is_file():
-        raise MetadataError(f"{path}: archive metadata file not found (isic-cli writes it beside the images)")
-    try:
-        raw = pl.read_csv(path, infer_schema=False, null_values=[""])
-    except pl.exceptions.PolarsError as err:
-        raise MetadataError(f"{path}: not a readable CSV ({err})") from err
-    if ID_COLUMN not in raw.columns:
-        raise MetadataError(f"{path}: missing required column '{ID_COLUMN}'; has {raw.columns}")
+        raise DiagnosisDataError(f"{path}: archive metadata file not found (isic-cli writes it beside the images)")
+    raw = _read_csv_strings(path, [ID_COLUMN])
     if DIAGNOSIS_1 not in raw.columns and BENIGN_MALIGNANT not in raw.columns:
-        raise MetadataError(f"{path}: missing column '{DIAGNOSIS_1}' (or the older '{BENIGN_MALIGNANT}'): "
-                            "no diagnosis to train on")
-    ids = raw.get_column(ID_COLUMN)
-    if len(empty := ids.is_null().arg_true()):
-        raise MetadataError(f"{path}: column '{ID_COLUMN}' is empty at line {_line_of(empty[0])}")
-    if len(dup := ids.is_duplicated().arg_true()):
-        lines = [_line_of(i) for i in dup.to_list() if ids[i] == ids[dup[0]]]
-        raise MetadataError(f"{path}: column '{ID_COLUMN}' has duplicate value '{ids[dup[0]]}' at lines {lines}")
+        raise DiagnosisDataError(f"{path}: missing column '{DIAGNOSIS_1}' (or the older '{BENIGN_MALIGNANT}'): "
+                           "no diagnosis to train on")
+    _check_unique(raw, ID_COLUMN, path)
     return raw
 
 
 def archive_labels(raw: pl.DataFrame, path: Path) -> np.ndarray:
     """Class index per row (-1: no diagnosis): `diagnosis_1`, else `benign_malignant`; an unknown value in
-    either column is a MetadataError naming the column, line and value."""
+    either column is a DiagnosisDataError naming the column, line and value."""
     out = np.full(raw.height, -1, dtype=np.int64)
     for col, classes in ((BENIGN_MALIGNANT, BENIGN_MALIGNANT_CLASSES), (DIAGNOSIS_1, DIAGNOSIS_1_CLASSES)):
         if col not in raw.columns:
@@ -128,7 +124,7 @@ def archive_labels(raw: pl.DataFrame, path: Path) -> np.ndarray:
         known = values.is_in(list(classes))
         if len(bad := (filled & ~known).arg_true()):
             i = bad[0]
-            raise MetadataError(
+            raise DiagnosisDataError(
                 f"{path}: column '{col}' line {_line_of(i)} (isic_id {raw[ID_COLUMN][i]}): value {raw[col][i]!r} "
                 f"is not one of the archive's {sorted(set(classes))} ({len(bad)} such row(s))")
         codes = values.replace_strict(classes, default=-1, return_dtype=pl.Int64).fill_null(-1).to_numpy()

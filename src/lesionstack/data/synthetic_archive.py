@@ -12,7 +12,6 @@ are. A share of the benign-labelled records with the strongest cue are "Indeterm
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -77,19 +76,18 @@ def write_archive_demo(out_dir: str | os.PathLike[str], images: int = 1000, seed
         raise DemoDataError(f"{out}: folder is not empty; pass overwrite=True (--overwrite) to replace it")
     meta, render = archive_tables(images, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    # built beside `out`, renamed into place when complete; the context removes it if anything failed
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", suffix=".partial", dir=out.parent,
+                                     ignore_cleanup_errors=True) as building:
+        tmp = Path(building)
         for i, isic_id in enumerate(meta["isic_id"]):
             p = {c: render[c].iloc[i] for c in render.columns}
             img, _ = render_lesion(p, lesion_stream(seed + SEED_OFFSET, i))
             (tmp / f"{isic_id}.JPG").write_bytes(_encode(img, jpeg_quality))
         _write_csv(meta, tmp / ARCHIVE_METADATA)
         (tmp / "attribution.txt").write_text("lesionstack synthetic archive (no real images)\n", encoding="utf-8")
+        tmp.chmod(0o755)  # an ordinary folder once finished
         _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     counts = meta["diagnosis_1"].value_counts().to_dict()
     return (f"wrote {out}: {len(meta)} synthetic ISIC Archive images in the `isic image download` layout "
             f"(<isic_id>.JPG + {ARCHIVE_METADATA}); diagnosis_1 {counts}")
