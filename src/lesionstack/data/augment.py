@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import simplejpeg
 import torch
 import torch.nn.functional as F
 
@@ -170,6 +169,8 @@ def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def jpeg_round_trip(image: torch.Tensor, quality: int) -> torch.Tensor:
     """Encode a (3, H, W) float image in [0, 1] as JPEG at `quality` and decode it again."""
+    import simplejpeg  # here, not at the top: prediction imports this module and may run without it
+
     array = (image.detach().cpu().permute(1, 2, 0).numpy() * 255.0 + 0.5).astype(np.uint8)
     decoded = simplejpeg.decode_jpeg(simplejpeg.encode_jpeg(np.ascontiguousarray(array), quality=quality))
     return torch.from_numpy(decoded.astype(np.float32) / 255.0).permute(2, 0, 1).to(image)

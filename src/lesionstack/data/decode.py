@@ -62,6 +62,15 @@ class ImageTooLargeError(CorruptImageError):
     """An image above the decoding limits (a decompression bomb, or simply too large to hold)."""
 
 
+def jpeg_decoder() -> str:
+    """Which library decodes JPEG crops here, with its version (the Kaggle kernel prints it)."""
+    if simplejpeg is not None:
+        return f"simplejpeg {simplejpeg.__version__} (libjpeg-turbo)"
+    import PIL
+
+    return f"Pillow {PIL.__version__} (simplejpeg not installed: slower, pixels equal where the DCT scale is)"
+
+
 def sniff_format(data: bytes) -> str:
     """'JPEG', 'PNG' or 'other', from the first bytes."""
     if data.startswith(JPEG_MAGIC):
@@ -201,9 +210,10 @@ def _open_pillow(data: bytes, need: int | None, max_pixels: int, where: str,
             if n is None:
                 raise _too_many_pixels(width, height, max_pixels, where, path, scaled=True)
             n = _pillow_draft_scale(width, height, n, max_pixels)
-            if n < 8:  # Pillow's draft scales by 1/2, 1/4 or 1/8 only
+            if n < 8:  # Pillow's draft scales by 1/2, 1/4 or 1/8 only, the largest whose floor-divided
+                # size still covers the request: ask for the floor, or a 139-px crop wanted at 1/4 comes out at 1/2
                 img.draft(img.mode if img.mode in ("RGB", "L") else "RGB",
-                          (math.ceil(width * n / 8), math.ceil(height * n / 8)))
+                          (max(1, width * n // 8), max(1, height * n // 8)))
         elif width * height > max_pixels:
             raise _too_many_pixels(width, height, max_pixels, where, path)
         img.load()
