@@ -325,6 +325,27 @@ def report_cmd(
     typer.echo(f"report: {page}")
 
 
+@app.command("compare")
+def compare_cmd(
+    runs: Annotated[list[Path], typer.Argument(
+        help="Artifacts roots: RUN_A RUN_B, or A1..An B1..Bn (one pair per CV seed; the first half is A).")],
+    out: Annotated[Path, typer.Option("--out", help="JSON file to write.")] = Path("compare.json"),
+    resamples: Annotated[int, typer.Option(help="Paired patient-bootstrap resamples.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+) -> None:
+    """Is a change real? pAUC of B - A (CNN, tabular, blend) on one fold file, with a paired patient-bootstrap
+    95% interval; with several pairs (CV seeds), a paired t-test over seeds."""
+    from lesionstack.report.compare import CompareError, compare_runs, format_comparison, write_comparison
+
+    if len(runs) < 2 or len(runs) % 2:
+        raise CompareError(f"compare takes an even number of artifacts roots (A runs, then as many B runs); "
+                           f"got {len(runs)}")
+    half = len(runs) // 2
+    result = compare_runs(runs[:half], runs[half:], n_resamples=resamples, seed=seed)
+    typer.echo(format_comparison(result))
+    typer.echo(f"wrote {write_comparison(result, out)}")
+
+
 @app.command("run")
 @locked("out")
 def run_cmd(

@@ -76,7 +76,7 @@ def load_inputs(artifacts_root: str | Path, data_dir: str | Path | None = None) 
     notes: list[str] = []
     cv = read_cv(paths.cv_json)
     oof = read_oof_stack(paths.oof_stack)
-    oof = _add_cnn_scores(oof, paths.oof_cnn, notes)
+    oof = add_cnn_scores(oof, paths.oof_cnn, notes)
     found_dir = _find_data_dir(paths, data_dir, notes)
     oof = _add_patients(oof, paths.folds, found_dir, notes)
     inputs = ReportInputs(paths=paths, cv=cv, oof=oof, data_dir=found_dir, notes=notes)
@@ -153,7 +153,7 @@ def _optional(path: Path, reader: Callable[[Path], T], what: str, notes: list[st
         return None
 
 
-def _add_cnn_scores(oof: pd.DataFrame, oof_cnn: Path, notes: list[str]) -> pd.DataFrame:
+def add_cnn_scores(oof: pd.DataFrame, oof_cnn: Path, notes: list[str]) -> pd.DataFrame:
     """Fill `score_cnn` from oof_cnn.parquet when the stack did not carry it."""
     if "score_cnn" in oof and oof["score_cnn"].notna().all():
         return oof
