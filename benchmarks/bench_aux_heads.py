@@ -39,7 +39,8 @@ from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.report.stats import WeightedROC
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
 from lesionstack.train.aux_heads import AuxDiagnosisConfig
-from lesionstack.train.cnn import CNNConfig, load_cnn_config, scoring_model, train_cnn
+from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn_config import CNNConfig, load_cnn_config
 
 
 def parse_args() -> argparse.Namespace:

@@ -33,7 +33,8 @@ from lesionstack.folds import read_folds
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular.features import CNN_PREFIX, cnn_features
-from lesionstack.tabular.stack import StackConfig, train_stack
+from lesionstack.tabular.stack import train_stack
+from lesionstack.tabular.stack_config import StackConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

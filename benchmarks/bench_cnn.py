@@ -56,7 +56,7 @@ def main() -> None:
     from lesionstack.models import build_model, param_groups
     from lesionstack.paths import DataPaths
     from lesionstack.runtime import RunSettings, Runtime, adamw, make_loader
-    from lesionstack.train.cnn import load_cnn_config
+    from lesionstack.train.cnn_config import load_cnn_config
 
     args = parse_args()
     cfg = load_cnn_config(args.config)

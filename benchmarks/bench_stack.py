@@ -30,7 +30,8 @@ from lesionstack.data.synthetic import DemoSpec, make_tables
 from lesionstack.folds import assign_folds
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular.features import build_features
-from lesionstack.tabular.stack import StackConfig, format_cv, train_stack
+from lesionstack.tabular.stack import format_cv, train_stack
+from lesionstack.tabular.stack_config import StackConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -11,7 +11,8 @@ import pandas as pd
 from _cnn_data import make_cnn_data
 from lesionstack.folds import read_folds
 from lesionstack.models import ModelConfig
-from lesionstack.train.distill import DistillConfig, TeacherConfig, distill
+from lesionstack.train.distill import distill
+from lesionstack.train.distill_config import DistillConfig, TeacherConfig
 
 
 def tiny_student(**changes: object) -> DistillConfig:

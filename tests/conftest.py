@@ -48,7 +48,8 @@ def tiny_bundle(tmp_path_factory) -> Path:
 
     from _cnn_data import make_cnn_data
     from lesionstack.models import ModelConfig
-    from lesionstack.train.cnn import CNNConfig, train_cnn
+    from lesionstack.train.cnn import train_cnn
+    from lesionstack.train.cnn_config import CNNConfig
 
     data = make_cnn_data(tmp_path_factory.mktemp("bundle_data"))
     out = tmp_path_factory.mktemp("bundle") / "artifacts"

@@ -23,7 +23,8 @@ from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import RunSettings, Runtime, load_weights, predict_logits, sigmoid
 from lesionstack.train.aux_heads import AUX_COLUMN, AuxDiagnosisConfig, aux_diagnosis_loss, with_aux_loss
-from lesionstack.train.cnn import CNNConfig, load_cnn_config, scoring_model, train_cnn
+from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn_config import CNNConfig, load_cnn_config
 
 CPU = torch.device("cpu")
 MEL = "Malignant::Malignant melanocytic proliferations (Melanoma)"

@@ -18,12 +18,10 @@ from lesionstack.config import ConfigError, save_config
 from lesionstack.folds import read_folds
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
-from lesionstack.tabular.stack import StackConfig
+from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.train.cnn import check_oof
 from lesionstack.train.distill import (
     WEIGHTS_FILE,
-    DistillConfig,
-    TeacherConfig,
     comparison,
     distill,
     distill_loss,
@@ -33,6 +31,7 @@ from lesionstack.train.distill import (
     teacher_from_file,
     teacher_scores,
 )
+from lesionstack.train.distill_config import DistillConfig, TeacherConfig
 
 # ---- the loss -----------------------------------------------------------------------------------------
 

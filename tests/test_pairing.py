@@ -24,7 +24,8 @@ from lesionstack.tabular.pairing import (
     paired_features,
     shift_rows,
 )
-from lesionstack.tabular.stack import StackConfig, StackError, blend, load_models, predict_stack, train_stack
+from lesionstack.tabular.stack import blend, load_models, predict_stack, train_stack
+from lesionstack.tabular.stack_config import StackConfig, StackError
 from test_stack import REAL_META, TINY, make_stack_inputs
 
 N_TRAIN, N_TEST = 300, 45

@@ -20,7 +20,8 @@ from lesionstack.inference.predictor import Predictor, PredictorError, cnn_folds
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
-from lesionstack.train.cnn import CNNConfig, scoring_model, train_cnn
+from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn_config import CNNConfig
 
 CPU = torch.device("cpu")
 

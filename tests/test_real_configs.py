@@ -19,7 +19,8 @@ from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.pipeline import _segmenter, load_run_config, run
 from lesionstack.runtime import load_weights
-from lesionstack.train.cnn import CNNConfig, load_cnn_config, train_cnn, validation_rows
+from lesionstack.train.cnn import train_cnn, validation_rows
+from lesionstack.train.cnn_config import CNNConfig, load_cnn_config
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CNN = [REPO / "configs" / "cnn" / "default.yaml", REPO / "configs" / "cnn" / "effb0_128.yaml"]

@@ -24,7 +24,8 @@ from lesionstack.resume import Resume, ResumeError, frame_digest, guard, images_
 from lesionstack.runtime import load_weights
 from lesionstack.tabular.features import features_stage
 from lesionstack.tabular.pairing import PairingError
-from lesionstack.tabular.stack import StackConfig, train_stack
+from lesionstack.tabular.stack import train_stack
+from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.tune import tune
 from lesionstack.train.cnn import train_cnn
 from test_stack import TINY, make_stack_inputs

@@ -27,7 +27,7 @@ from lesionstack.runtime import (
     model_logits,
     resolve_device,
 )
-from lesionstack.train.cnn import CNNConfig
+from lesionstack.train.cnn_config import CNNConfig
 
 
 def test_run_settings_default_to_the_cnn_configs_values() -> None:

@@ -23,8 +23,9 @@ from lesionstack.models import ModelConfig, SeedEnsemble
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
-from lesionstack.train.cnn import CNNConfig, scoring_model, train_cnn
-from lesionstack.train.distill import DistillConfig
+from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn_config import CNNConfig
+from lesionstack.train.distill_config import DistillConfig
 
 CPU = torch.device("cpu")
 

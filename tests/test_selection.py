@@ -10,7 +10,7 @@ from lesionstack.files import write_text
 from lesionstack.paths import ArtifactPaths
 from lesionstack.pipeline import format_summary
 from lesionstack.tabular.selection import selection_caveat, selection_flags
-from lesionstack.train.cnn import CNNConfig
+from lesionstack.train.cnn_config import CNNConfig
 
 
 def cnn_folds(root: Path, keeps: list[str]) -> ArtifactPaths:
@@ -49,7 +49,8 @@ def test_caveat_only_when_something_was_chosen_on_the_scored_folds() -> None:
 
 def test_train_stack_writes_the_flags_into_cv_json(tmp_path: Path, shared_data: Path) -> None:
     from lesionstack.files import read_json
-    from lesionstack.tabular.stack import StackConfig, train_stack
+    from lesionstack.tabular.stack import train_stack
+    from lesionstack.tabular.stack_config import StackConfig
     from test_stack import TINY, make_stack_inputs
 
     cfg = StackConfig(**{**TINY, "models": ["lgbm"]})

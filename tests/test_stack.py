@@ -21,16 +21,8 @@ from lesionstack.folds import assign_folds
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular.features import build_features
 from lesionstack.tabular.gbdt import find_pickles
-from lesionstack.tabular.stack import (
-    GBDTStacker,
-    StackConfig,
-    StackError,
-    check_cnn_oof,
-    load_models,
-    predict_stack,
-    train_stack,
-    undersample,
-)
+from lesionstack.tabular.stack import GBDTStacker, check_cnn_oof, load_models, predict_stack, train_stack, undersample
+from lesionstack.tabular.stack_config import StackConfig, StackError
 
 REAL_META = SHARED_DATA / "isic2024-real-metadata" / "train-metadata-first1000-no-target.csv"
 TINY = dict(seeds=(0,), n_rounds=20, learning_rate=0.1, max_depth=3, num_leaves=7, neg_pos_ratio=10.0,

@@ -27,7 +27,8 @@ from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
-from lesionstack.train.cnn import CNNConfig, check_oof, scoring_model, train_cnn, warmup_cosine
+from lesionstack.train.cnn import check_oof, scoring_model, train_cnn, warmup_cosine
+from lesionstack.train.cnn_config import CNNConfig
 
 CPU = torch.device("cpu")
 METRIC_KEYS = {"epochs", "best_epoch", "best_pauc", "best_auc", "n_train", "n_val"}

@@ -16,10 +16,12 @@ from lesionstack.data.synthetic import DemoSpec, make_tables, write_demo_data, w
 from lesionstack.files import read_json
 from lesionstack.inference.diagnosis import DiagnosisPredictor
 from lesionstack.inference.predictor import Predictor, read_image_file
+from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.pipeline import load_run_config
 from lesionstack.train import diagnosis as stage
-from lesionstack.train.diagnosis import DiagnosisConfig, EpochSampler, class_weights, load_diagnosis_config
+from lesionstack.train.diagnosis import EpochSampler, class_weights
+from lesionstack.train.diagnosis_config import DiagnosisConfig, load_diagnosis_config
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = {"n_folds": 2, "epochs": 2, "image_size": 32, "batch_size": 16, "epoch_size": 48, "progress": False,
@@ -108,7 +110,7 @@ def _bundle_predictor_gives_class_probabilities(out: Path, ham: Path, rows: pd.D
 
 
 def test_a_killed_fold_resumes_from_its_checkpoint(ham, tmp_path, monkeypatch, caplog):
-    cfg = DiagnosisConfig(**{**TINY, "model": stage.ModelConfig(classifier="resnet10t", gate="none")})
+    cfg = DiagnosisConfig(**{**TINY, "model": ModelConfig(classifier="resnet10t", gate="none")})
     keep = stage._keep
 
     def crash_in_epoch_2(state, row, *args, **kwargs):

@@ -14,7 +14,8 @@ import pandas as pd
 from lesionstack.config import read_config_dict, save_config
 from lesionstack.files import atomic_path, read_json
 from lesionstack.paths import ArtifactPaths
-from lesionstack.tabular.stack import StackConfig, train_stack
+from lesionstack.tabular.stack import train_stack
+from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.tune import tune
 from test_stack import TINY, make_stack_inputs
 

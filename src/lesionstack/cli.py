@@ -206,7 +206,8 @@ def train_cnn_cmd(
 ) -> None:
     """Train the gated CNN per fold (resumable; DDP under torchrun); write OOF and test scores."""
     from lesionstack.paths import DataPaths
-    from lesionstack.train.cnn import cnn_stage, load_cnn_config
+    from lesionstack.train.cnn import cnn_stage
+    from lesionstack.train.cnn_config import load_cnn_config
 
     cfg = load_cnn_config(config, segmenter=segmenter)
     only = [int(k) for k in folds_only.split(",") if k.strip()] or None
@@ -227,7 +228,8 @@ def train_diagnosis_cmd(
     folds_only: Annotated[Optional[list[int]], typer.Option(help="Train only these folds.")] = None,  # noqa: UP045
 ) -> None:
     """Multi-class diagnosis per fold (lesion/patient-grouped): OOF class probabilities, balanced accuracy."""
-    from lesionstack.train.diagnosis import load_diagnosis_config, train_diagnosis
+    from lesionstack.train.diagnosis import train_diagnosis
+    from lesionstack.train.diagnosis_config import load_diagnosis_config
 
     summary = train_diagnosis(data_dir, load_diagnosis_config(config, segmenter), out, folds_only)
     for fold, m in summary["folds"].items():
@@ -280,7 +282,7 @@ def tune_cmd(
 ) -> None:
     """Optuna study on the mean fold pAUC (resumable; several workers may share --storage)."""
     from lesionstack.config import load_config
-    from lesionstack.tabular.stack import StackConfig
+    from lesionstack.tabular.stack_config import StackConfig
     from lesionstack.tabular.tune import TuneSettings, tune_stage
 
     settings = load_config(TuneSettings, None, enabled=True, model=model, n_trials=n_trials, timeout=timeout,
@@ -298,7 +300,8 @@ def train_stack_cmd(
 ) -> None:
     """Train LightGBM/CatBoost/XGBoost per fold, blend them; write oof_stack.parquet and cv.json."""
     from lesionstack.config import load_config
-    from lesionstack.tabular.stack import StackConfig, stack_stage
+    from lesionstack.tabular.stack import stack_stage
+    from lesionstack.tabular.stack_config import StackConfig
 
     art = ArtifactPaths(out)
     result = stack_stage(art, load_config(StackConfig, config))
@@ -492,7 +495,8 @@ def distill_cmd(
     import logging
 
     from lesionstack.paths import ArtifactPaths
-    from lesionstack.train.distill import distill, load_distill_config
+    from lesionstack.train.distill import distill
+    from lesionstack.train.distill_config import load_distill_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     art = ArtifactPaths(out)

@@ -31,10 +31,11 @@ from lesionstack.folds import FoldsConfig, folds_stage
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.tabular.selection import selection_caveat
-from lesionstack.tabular.stack import StackConfig, StackResult
+from lesionstack.tabular.stack import StackResult
+from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.tune import TuneSettings
-from lesionstack.train.cnn import CNNConfig, check_weights_files, resolve_untrained_segmenter
-from lesionstack.train.diagnosis import DiagnosisConfig
+from lesionstack.train.cnn_config import CNNConfig, check_weights_files, resolve_untrained_segmenter
+from lesionstack.train.diagnosis_config import DiagnosisConfig
 from lesionstack.train.segmenter import SegConfig, SegmenterResult
 
 if TYPE_CHECKING:  # the stage modules are imported when their step runs (torch is slow to import)

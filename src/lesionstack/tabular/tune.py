@@ -28,15 +28,8 @@ from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import Resume, guard
 from lesionstack.tabular.features import CNN_PREFIX
 from lesionstack.tabular.gbdt import family
-from lesionstack.tabular.stack import (
-    TUNE_IGNORE,
-    StackConfig,
-    StackError,
-    align_features,
-    estimator,
-    tuning_inputs,
-    with_params,
-)
+from lesionstack.tabular.stack import align_features, estimator, tuning_inputs, with_params
+from lesionstack.tabular.stack_config import TUNE_IGNORE, StackConfig, StackError
 
 log = logging.getLogger(__name__)
 
