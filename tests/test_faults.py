@@ -358,9 +358,9 @@ def test_each_kind_has_its_own_code_and_the_readme_lists_them_all():
     codes: dict[int, str] = {}
     for kind in ERROR_KINDS.values():
         assert codes.setdefault(kind.code, kind.kind) == kind.kind, f"code {kind.code} serves two kinds"
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "troubleshooting.md").read_text()
     for code, _, names in exit_code_table():
         row = next((line for line in readme.splitlines() if line.startswith(f"| {code} |")), None)
-        assert row is not None, f"README lacks the row of exit code {code}"
+        assert row is not None, f"docs/troubleshooting.md lacks the row of exit code {code}"
         for name in names:
-            assert name.split()[0] in row, f"README row {code} does not name {name}"
+            assert name.split()[0] in row, f"docs/troubleshooting.md row {code} does not name {name}"

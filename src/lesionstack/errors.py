@@ -23,7 +23,7 @@ class ErrorKind:
     hint: str
 
 
-# class name -> what the user reads; the README's exit-code table is this table
+# class name -> what the user reads; docs/troubleshooting.md's exit-code table is this table
 ERROR_KINDS: dict[str, ErrorKind] = {
     "ConfigError": ErrorKind(3, "config", "fix the config key named above, or use a new --out folder"),
     "MetadataError": ErrorKind(4, "metadata", "fix the CSV file, column and row named above"),
@@ -94,7 +94,8 @@ def one_line(err: BaseException, kind: ErrorKind) -> str:
 
 
 def exit_code_table() -> list[tuple[int, str, list[str]]]:
-    """(code, kind, exception names) for every code, in order: the README's table is checked against it."""
+    """(code, kind, exception names) for every code, in order: docs/troubleshooting.md's table is checked
+    against it."""
     rows: dict[int, tuple[str, list[str]]] = {}
     for name, k in ERROR_KINDS.items():
         rows.setdefault(k.code, (k.kind, []))[1].append(name)
