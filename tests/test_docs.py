@@ -74,7 +74,7 @@ def families() -> dict[str, type]:
         hint = _section(hints[f.name])
         if hint is not None:
             out[f.name] = hint
-    out["distill"] = _find_class("DistillConfig", "lesionstack.train.distill")
+    out["distill"] = _find_class("DistillConfig", "lesionstack.train.distill_config", "lesionstack.train.distill")
     out["report"] = _find_class("ReportConfig", "lesionstack.report.build", "lesionstack.report")
     return out
 
