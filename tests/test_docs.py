@@ -297,6 +297,32 @@ def test_every_command_option_and_key_the_docs_name_exists(page):
     assert problems(page.read_text(), str(page.relative_to(REPO))) == []
 
 
+def undocumented(commands: dict[str, frozenset[str]], primary: dict[str, frozenset[str]], text: str) -> list[str]:
+    """Commands that no page shows as `lesionstack CMD`, and options (their main spelling) no page names."""
+    out = [f"no docs page shows `lesionstack {c}`" for c in commands
+           if not re.search(rf"lesionstack(?:\.cli)? {re.escape(c)}(?![\w-])", text)]
+    return out + [f"no docs page names `{c} {o}`" for c, opts in primary.items() for o in sorted(opts)
+                  if not re.search(rf"(?<![\w-]){re.escape(o)}(?![\w-])", text)]
+
+
+@cache
+def primary_options() -> dict[str, frozenset[str]]:
+    """Command -> its options' first long spelling (not `--no-x` twins, not --help)."""
+    import typer.main
+
+    from lesionstack.cli import app
+
+    group = typer.main.get_command(app)
+    return {name: frozenset(next((o for o in p.opts if o.startswith("--")), p.opts[0]) for p in cmd.params
+                            if p.param_type_name == "option" and p.name != "help")
+            for name, cmd in group.commands.items()}  # type: ignore[attr-defined]
+
+
+def test_every_command_and_option_is_documented():
+    text = "\n".join(page.read_text() for page in DOCS)
+    assert undocumented(cli_options(), primary_options(), text) == []
+
+
 def test_the_configuration_page_lists_every_key_with_its_default():
     assert table_problems(CONFIG_PAGE.read_text(), expected_keys()) == []
 
@@ -327,6 +353,13 @@ cnn:
                      "bad.md:8: no config key `keep_it` (in `keep_it: ...`)"]
     good = "`lesionstack folds DATA --n-folds 5 --force`, `--fp16`, `cnn.model.gate`, `keep: last`, `stack.py`"
     assert problems(good, "good.md") == []
+
+
+def test_the_completeness_check_finds_an_undocumented_command_and_option():
+    commands = {"folds": frozenset({"--out", "--seed"}), "secret": frozenset()}
+    primary = {"folds": frozenset({"--out", "--seed"}), "secret": frozenset()}
+    assert undocumented(commands, primary, "`lesionstack folds DATA --out F`") == [
+        "no docs page shows `lesionstack secret`", "no docs page names `folds --seed`"]
 
 
 def test_the_table_check_finds_a_missing_key_and_a_wrong_default():
