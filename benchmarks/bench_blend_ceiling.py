@@ -1,4 +1,4 @@
-"""How far a finished demo run's blend is from what its halves allow (README "Where the blend's gap is").
+"""How far a finished demo run's blend is from what its halves allow (docs/experiments/2026-11-23-cnn-recipe.md).
 
 The demo's label is a logistic model of a tabular half (how unlike the patient's other lesions a lesion
 is, plus age) and a hidden image cue. This script takes a finished `run` on a demo folder and prints the

@@ -1,4 +1,4 @@
-"""How much of the demo's image cue the pixels show, at each CNN input size (README "CNN quality").
+"""How much of the demo's image cue the pixels show, at each CNN input size (docs/experiments/2026-11-23-cnn-recipe.md).
 
 The demo's label depends on a hidden image cue drawn as a blue-grey veil inside the lesion; `demo-data`
 prints the pAUC of the cue itself ("image cue alone"). A faint veil can vanish in the lesion's own colour

@@ -1,10 +1,10 @@
 """The fault-injection cases of issue 12, on tiny data, through the real command line.
 
 Each case asserts what a user sees: one clean `lesionstack: <kind> error: ...` line naming the file, the
-column/key/fold and the row, a `what to do:` line, no traceback, and the exit code of that kind (the
-README's table, `lesionstack.errors`). Most run `cli.main` in this process (fast); the lock, the kill and
-the traceback cases run real `lesionstack` processes. A moved artifacts folder: tests/test_pipeline.py;
-oversized crops and memory: tests/test_decode.py; the database: tests/test_postgres.py.
+column/key/fold and the row, a `what to do:` line, no traceback, and the exit code of that kind
+(docs/troubleshooting.md's table, `lesionstack.errors`). Most run `cli.main` in this process (fast);
+the lock, the kill and the traceback cases run real `lesionstack` processes. A moved artifacts folder:
+tests/test_pipeline.py; oversized crops and memory: tests/test_decode.py; the database: tests/test_postgres.py.
 """
 
 from __future__ import annotations

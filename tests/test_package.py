@@ -117,7 +117,7 @@ def test_kernel_stops_when_lesionstack_itself_is_missing(tmp_path, monkeypatch):
 
 
 def test_pyprojects_lower_bounds_are_the_kaggle_images_versions():
-    """The README claims each kernel library's range down to the Kaggle image's version, and
+    """The docs claim each kernel library's range down to the Kaggle image's version, and
     `make kaggle-check` tests exactly those versions: the two must stay the same numbers."""
     import tomllib
     from packaging.requirements import Requirement

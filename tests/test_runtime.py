@@ -70,7 +70,7 @@ def test_device_and_precision_on_cpu() -> None:
 
 
 def test_channels_last_applies_on_cpu_and_scores_the_same_as_contiguous() -> None:
-    """channels_last is a speed setting (README "Faster steps on CPU"): on CPU too it puts the model and
+    """channels_last is a speed setting (docs/experiments, "Faster steps on CPU"): on CPU too it puts the model and
     the batches in NHWC, and the logits match the contiguous layout's to float rounding."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),

@@ -4,7 +4,7 @@ Every place that reads a crop (training, prediction, the report's montage, `scor
 `decode_image`, so one oversized or hostile file cannot take the process's memory: a 10,000 x 10,000 px
 JPEG of 1.2 MB is 300 MB once decoded at full size.
 
-The limits (documented in the README, "Image decoding limits"):
+The limits (documented in docs/troubleshooting.md, "Image decoding limits"):
 
 - `MAX_SOURCE_PIXELS` (2**27, about 134 megapixels, e.g. 11,585 x 11,585): an image that declares more
   is refused as a decompression bomb, before any pixel is decoded.

@@ -105,7 +105,7 @@ class OnnxStudent:
     @classmethod
     def load(cls, directory: str | os.PathLike[str], int8: bool = False, threads: int = 1) -> OnnxStudent:
         """The model in `directory` (an `export` output): fp32 by default, since on x86 servers without VNNI
-        the int8 model is the slower one (README); `int8=True` for student.int8.onnx."""
+        the int8 model is the slower one (docs/serving.md); `int8=True` for student.int8.onnx."""
         import onnxruntime as ort
 
         directory = Path(directory)
@@ -232,8 +232,9 @@ class CropReader:
 # int8 recipes: the activation type of the QDQ model (weights are always signed int8, per channel). S8S8 is ONNX
 # Runtime's default and what phones (ARMv8.2 dot-product) and VNNI CPUs run fast; U8S8 is what x86 CPUs without
 # VNNI (AVX2 only, like the development box) run fast. A16W8 keeps int8 weights (the file is as small) but
-# 16-bit activations: 8-bit activations cost these small students' logits 0.03-0.07 correlation with fp32 (README,
-# Export); Qualcomm's QNN HTP and Arm's TOSA int16 profile run it natively, ONNX Runtime's CPU provider in float.
+# 16-bit activations: 8-bit activations cost these small students' logits 0.03-0.07 correlation with fp32
+# (docs/experiments, int8 export); Qualcomm's QNN HTP and Arm's TOSA int16 profile run it natively, ONNX
+# Runtime's CPU provider in float.
 INT8_RECIPES = ("s8s8", "u8s8", "a16w8")
 # Weights are quantised to 7 bits by default for the 8-bit activation recipes. x86 int8 kernels without VNNI
 # (AVX2, AVX-512F: the development box) multiply u8 x s8 pairs with vpmaddubsw, whose int16 sum saturates when
@@ -253,7 +254,7 @@ def quantize_int8(fp32: Path, out: Path, calibration: np.ndarray, recipe: str = 
                   weight_bits: int | None = None) -> Path:
     """Static QDQ quantisation, per-channel int8 weights, MinMax calibration; `recipe` s8s8 (signed int8
     activations, the default), u8s8 (unsigned) or a16w8 (16-bit activations); `weight_bits` 7 (the default with
-    8-bit activations: correct on every CPU) or 8 (full range). See the README's Export section."""
+    8-bit activations: correct on every CPU) or 8 (full range). See docs/serving.md, Export."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 

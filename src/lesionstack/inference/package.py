@@ -238,7 +238,7 @@ def halve_cnn_weights(cnn_dir: Path) -> int:
     """Rewrite the fold CNNs' floating-point weights as float16 in place; returns the files rewritten.
 
     `load_state_dict` copies each tensor into the fp32 model, so the loader needs no change; the scores
-    move by fp16 rounding of the weights only (measured in the README).
+    move by fp16 rounding of the weights only (measured: docs/kaggle.md, fp16 weights).
     """
     from safetensors.torch import load_file
 

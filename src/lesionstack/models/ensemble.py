@@ -2,7 +2,7 @@
 config), scored as one network whose logit is the mean of theirs.
 
 A single small model's out-of-fold scores move with its seed about as much as most recipe changes do
-(README "Seed ensembles"); averaging two seeds' logits per fold lowers that variance. Everything that scores
+(docs/experiments, "Seed ensembles"); averaging two seeds' logits per fold lowers that variance. Everything that scores
 a fold (OOF, test, `predict`, `serve`, the Kaggle kernel) sees one module per fold either way.
 """
 
