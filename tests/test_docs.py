@@ -327,6 +327,37 @@ def test_the_configuration_page_lists_every_key_with_its_default():
     assert table_problems(CONFIG_PAGE.read_text(), expected_keys()) == []
 
 
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def link_problems(page: Path) -> list[str]:
+    """Relative links whose file or heading anchor does not exist."""
+    out = []
+    for target in LINK.findall(split_code(page.read_text())[1]):
+        if re.match(r"[a-z]+:", target):
+            continue  # http(s), mailto: not checked offline
+        path, _, anchor = target.partition("#")
+        dest = (page.parent / path).resolve() if path else page
+        if not dest.exists():
+            out.append(f"{page.name}: link to a missing file {target}")
+        elif anchor and dest.is_file():
+            anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", dest.read_text(), re.M)}
+            if anchor not in anchors:
+                out.append(f"{page.name}: link to a missing heading {target}")
+    return out
+
+
+@pytest.mark.parametrize("page", DOCS + [REPO / "CHANGELOG.md", REPO / "docs" / "experiments" / "README.md"],
+                         ids=lambda p: str(p.relative_to(REPO)))
+def test_every_relative_link_and_anchor_exists(page):
+    assert link_problems(page) == []
+
+
 def test_the_checker_finds_what_does_not_exist():
     """The checks can fail: each kind of wrong name is reported, and the right ones are not."""
     bad = """
@@ -360,6 +391,13 @@ def test_the_completeness_check_finds_an_undocumented_command_and_option():
     primary = {"folds": frozenset({"--out", "--seed"}), "secret": frozenset()}
     assert undocumented(commands, primary, "`lesionstack folds DATA --out F`") == [
         "no docs page shows `lesionstack secret`", "no docs page names `folds --seed`"]
+
+
+def test_the_link_check_finds_a_missing_file_and_heading(tmp_path):
+    (tmp_path / "a.md").write_text("# Top\n\n## `run`: the whole pipeline\n")
+    page = tmp_path / "b.md"
+    page.write_text("[ok](a.md#run-the-whole-pipeline) [gone](c.md) [no](a.md#nothing) [web](https://x.org/#y)\n")
+    assert link_problems(page) == ["b.md: link to a missing file c.md", "b.md: link to a missing heading a.md#nothing"]
 
 
 def test_the_table_check_finds_a_missing_key_and_a_wrong_default():
