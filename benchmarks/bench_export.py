@@ -36,7 +36,8 @@ def runners(export_dir: Path, artifacts: Path, threads: int) -> dict[str, Any]:
     """name -> callable(x) running one batch, each on `threads` threads."""
     import torch
 
-    from lesionstack.inference.export import FP32_FILE, INT8_FILE, load_student, session
+    from lesionstack.inference.export import FP32_FILE, INT8_FILE, session
+    from lesionstack.trained.loaders import load_student
 
     report = json.loads((export_dir / "export.json").read_text())
     torch.set_num_threads(threads)

@@ -17,7 +17,7 @@ from _cnn_data import make_cnn_data
 from lesionstack.config import ConfigError, load_config, read_config_dict
 from lesionstack.data.dataset import CropDataset
 from lesionstack.data.diagnosis import LabelMap, read_iddx_classes
-from lesionstack.inference.predictor import Predictor, load_fold_model
+from lesionstack.inference.predictor import Predictor
 from lesionstack.models import ModelConfig, build_model
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
@@ -25,6 +25,7 @@ from lesionstack.runtime import RunSettings, Runtime, load_weights, predict_logi
 from lesionstack.train.aux_heads import AUX_COLUMN, AuxDiagnosisConfig, aux_diagnosis_loss, with_aux_loss
 from lesionstack.train.cnn import scoring_model, train_cnn
 from lesionstack.train.cnn_config import CNNConfig, load_cnn_config
+from lesionstack.trained.loaders import load_network
 
 CPU = torch.device("cpu")
 MEL = "Malignant::Malignant melanocytic proliferations (Melanoma)"
@@ -162,7 +163,7 @@ def test_fold_model_keeps_its_heads_and_loads_from_its_config(trained: tuple[Pat
     files = ArtifactPaths(out).cnn_fold(0)
     saved = read_config_dict(files.config)
     assert saved["model"]["aux_outputs"] == 4 and saved["aux_diagnosis"]["weight"] == 0.5
-    model = load_fold_model(saved["model"], files.safetensors, str(files.config))
+    model = load_network(saved["model"], files.safetensors, str(files.config))
     assert model.classifier.get_classifier().out_features == 5
     assert load_weights(files.safetensors)[f"classifier.{head_name(model)}.weight"].shape[0] == 5
     assert model(torch.randn(2, 3, 32, 32)).shape == (2,)

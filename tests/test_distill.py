@@ -25,13 +25,13 @@ from lesionstack.train.distill import (
     comparison,
     distill,
     distill_loss,
-    load_student,
     nested_scores,
     platt,
     teacher_from_file,
     teacher_scores,
 )
 from lesionstack.train.distill_config import DistillConfig, TeacherConfig
+from lesionstack.trained.loaders import load_student
 
 # ---- the loss -----------------------------------------------------------------------------------------
 
@@ -175,7 +175,7 @@ def test_distill_writes_folds_oof_and_metrics_then_resumes(trained: tuple[Path, 
     teacher = pd.read_parquet(art.distill_file("tiny", "teacher.parquet"))
     assert set(teacher["student_fold"]) == {0, 1} and np.isfinite(teacher["logit"]).all()
     model, saved = load_student(art.distill_fold("tiny", 0).dir)
-    assert saved.alpha == cfg.alpha and model(torch.zeros(2, 3, 32, 32)).shape == (2,)
+    assert saved["alpha"] == cfg.alpha and model(torch.zeros(2, 3, 32, 32)).shape == (2,)
     again = distill(root, art.root, cfg, name="tiny", folds_path=root / "folds.csv")  # every fold DONE: reused
     assert again["oof_pauc"] == pytest.approx(summary["oof_pauc"])
     with pytest.raises(ConfigError, match="alpha"):

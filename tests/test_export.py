@@ -25,7 +25,7 @@ from lesionstack.inference.export import (
     quantize_int8,
     simulated_logits,
 )
-from lesionstack.train.distill import load_student
+from lesionstack.trained.loaders import load_student
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_fp32_onnx_matches_torch_and_has_a_dynamic_batch(exported: tuple[Path, P
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic batch
     net, cfg = load_student(Path(art) / "distill" / "tiny" / "fold_0")
     student = OnnxStudent.load(out, int8=False)
-    x = torch.rand(5, 3, cfg.image_size, cfg.image_size)
+    x = torch.rand(5, 3, cfg["image_size"], cfg["image_size"])
     with torch.no_grad():
         expected = net(normalize(x)).numpy()
     got = student.logits(normalize(x).numpy())

@@ -16,12 +16,13 @@ import torch
 from _cnn_data import make_cnn_data
 from lesionstack.data.dataset import CropDataset
 from lesionstack.folds import read_folds
-from lesionstack.inference.predictor import Predictor, PredictorError, cnn_folds
+from lesionstack.inference.predictor import Predictor, PredictorError
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
 from lesionstack.train.cnn import scoring_model, train_cnn
 from lesionstack.train.cnn_config import CNNConfig
+from lesionstack.trained.loaders import cnn_folds
 
 CPU = torch.device("cpu")
 

@@ -18,7 +18,7 @@ from _cnn_data import make_cnn_data
 from lesionstack.config import ConfigError, read_config_dict
 from lesionstack.data.dataset import CropDataset
 from lesionstack.inference.package import halve_cnn_weights
-from lesionstack.inference.predictor import Predictor, cnn_folds, load_cnn_fold
+from lesionstack.inference.predictor import Predictor
 from lesionstack.models import ModelConfig, SeedEnsemble
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
@@ -26,6 +26,7 @@ from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights,
 from lesionstack.train.cnn import scoring_model, train_cnn
 from lesionstack.train.cnn_config import CNNConfig
 from lesionstack.train.distill_config import DistillConfig
+from lesionstack.trained.loaders import cnn_folds, load_cnn_fold
 
 CPU = torch.device("cpu")
 

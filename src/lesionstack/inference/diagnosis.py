@@ -29,9 +29,9 @@ from lesionstack.config import read_config_dict
 from lesionstack.data.dataset import resize_square
 from lesionstack.data.diagnosis import PROB_PREFIX
 from lesionstack.files import read_json
-from lesionstack.inference.predictor import load_fold_model
 from lesionstack.paths import ArtifactPaths
 from lesionstack.runtime import RunSettings, Runtime, model_logits
+from lesionstack.trained.loaders import load_diagnosis_fold
 
 
 class DiagnosisBundleError(FileNotFoundError):
@@ -69,8 +69,7 @@ class DiagnosisPredictor:
         models = []
         for p in folds:
             files = art.diagnosis_fold(int(p.name.split("_")[1]))
-            section = read_config_dict(files.config)["model"]
-            models.append(rt.place(load_fold_model(section, files.safetensors, str(files.config), len(classes))))
+            models.append(rt.place(load_diagnosis_fold(files, len(classes))))
         return cls(classes, int(cfg["image_size"]), models, rt)
 
     def preprocess(self, crops: Sequence[np.ndarray]) -> torch.Tensor:

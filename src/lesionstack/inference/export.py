@@ -83,18 +83,6 @@ def preprocess(crops: Sequence[np.ndarray], spec: dict[str, Any]) -> np.ndarray:
 # ---- the loader `serve` uses --------------------------------------------------------------------------
 
 
-def load_student(fold_dir: str | os.PathLike[str]) -> tuple[Any, dict[str, Any]]:
-    """A trained student fold (config.yaml + model.safetensors) in eval mode on the CPU, and its config as a
-    plain dict: exporting reads the portable files only, never the training code."""
-    from lesionstack.config import read_config_dict
-    from lesionstack.inference.predictor import load_fold_model
-    from lesionstack.paths import FoldFiles
-
-    files = FoldFiles(Path(fold_dir))
-    cfg = read_config_dict(files.config)
-    return load_fold_model(cfg["model"], files.safetensors, str(files.config)), cfg
-
-
 class OnnxStudent:
     """An exported student run by ONNX Runtime: `OnnxStudent.load(dir).score_crops(crops)`."""
 
@@ -298,6 +286,7 @@ def export_student(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
     from lesionstack.folds import read_folds
     from lesionstack.metrics import pauc
     from lesionstack.paths import ArtifactPaths, DataPaths
+    from lesionstack.trained.loaders import load_student
 
     art, out = ArtifactPaths(artifacts), Path(out)
     name = name or only_student(art.root)

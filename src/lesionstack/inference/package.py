@@ -265,8 +265,8 @@ def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     """Build a folder that `kaggle datasets create -p OUT` accepts: wheels/ (for `target`, default the
     Kaggle image's), artifacts/, the kernel, dataset-metadata.json and bundle.json. Built beside OUT and
     renamed into place, so a failure leaves nothing."""
-    from lesionstack.inference.predictor import cnn_folds
     from lesionstack.tabular.pairing import check_fold_pairing
+    from lesionstack.trained.loaders import cnn_folds
 
     art, out = ArtifactPaths(artifacts_dir), Path(out)
     image = read_image()

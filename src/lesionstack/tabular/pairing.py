@@ -28,18 +28,14 @@ from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import read_json
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular.features import CNN_PREFIX, cnn_features
+from lesionstack.trained.scorer import FOLD_SCORE_PREFIX
 
-FOLD_SCORE_PREFIX = "score_fold_"  # test_cnn.parquet: one column per CNN fold model, beside the mean `score`
 PAIRINGS = ("fold", "mean")
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
 
 
 class PairingError(ValueError):
     """Test CNN scores that cannot be paired with the stacker's folds (old format, other fold file)."""
-
-
-def fold_score_column(fold: int) -> str:
-    return f"{FOLD_SCORE_PREFIX}{fold}"
 
 
 def fold_score_columns(scores: pd.DataFrame, where: str) -> dict[int, str]:

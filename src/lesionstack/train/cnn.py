@@ -56,7 +56,6 @@ from lesionstack.data.metadata import check_images_cover, id_mismatch
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import assign_folds, folds_digest, read_folds
-from lesionstack.inference.predictor import Predictor, cnn_fold_done, cnn_fold_members, load_cnn_fold, load_fold_model
 from lesionstack.metrics import MetricError, pauc, roc_auc
 from lesionstack.models import ModelConfig, build_model, param_groups
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
@@ -96,6 +95,8 @@ from lesionstack.train.cnn_config import (
     check_weights_files,
     resolve_untrained_segmenter,
 )
+from lesionstack.trained.loaders import cnn_fold_done, cnn_fold_members, load_cnn_fold, load_network
+from lesionstack.trained.scorer import FoldScorer
 
 log = logging.getLogger(__name__)
 
@@ -455,8 +456,8 @@ def member_config(cfg: CNNConfig, member: int) -> CNNConfig:
 
 def scoring_model(cfg: CNNConfig, weights: Path, device: torch.device) -> nn.Module:
     """One trained network from `cfg`'s model section and `weights`, built as prediction builds it
-    (`lesionstack.inference.predictor`); `write_scores` loads whole folds, seed ensembles included."""
-    return load_fold_model(config_to_dict(cfg.model), weights, "CNN config").to(device)
+    (`lesionstack.trained.loaders`); `write_scores` loads whole folds, seed ensembles included."""
+    return load_network(config_to_dict(cfg.model), weights, "CNN config").to(device)
 
 
 def test_ids(data: DataPaths, images: H5Images) -> list[str]:
@@ -481,7 +482,7 @@ def check_oof(oof: pd.DataFrame, folds: pd.DataFrame) -> None:
 def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
                  art: ArtifactPaths, rt: Runtime, inputs: dict[str, str | None]) -> dict[str, Any]:
     """Score each fold's val rows with its own fold model (OOF) and the test set with every fold model
-    (through the `Predictor`, as `predict` does: an unreadable test crop is NaN, never a stop); record
+    (through `trained.scorer.FoldScorer`, as `predict` does: an unreadable test crop is NaN, never a stop); record
     `inputs` (what they were scored from) last."""
     parts = []
     for fold in sorted(folds["fold"].unique()):
@@ -511,7 +512,7 @@ def score_test(data: DataPaths, folds: pd.DataFrame, cfg: CNNConfig, art: Artifa
     """The test lesions' mean fold-model score and each fold model's, DataFrame[isic_id, score,
     score_fold_<k>...] (every rank gets all rows): the stacker pairs its fold k with CNN fold k."""
     tids = test_ids(data, H5Images(data.test_images))
-    predictor = Predictor.load(art.root, device=str(rt.device), progress=cfg.progress,
+    predictor = FoldScorer.load(art.root, device=str(rt.device), progress=cfg.progress,
                                folds=sorted(int(k) for k in folds["fold"].unique()),
                                batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, ctx=rt.ctx)
     return predictor.score_hdf5(data.test_images, ids=tids, per_fold=True)

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 
-from lesionstack.config import ConfigError, read_config_dict
+from lesionstack.config import ConfigError
 from lesionstack.data.augment import augment_batch
 from lesionstack.data.dataset import CropDataset, check_corrupt, training_crops
 from lesionstack.data.diagnosis import (
@@ -52,7 +52,6 @@ from lesionstack.data.diagnosis import (
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import folds_digest
-from lesionstack.inference.predictor import load_fold_model as load_weights
 from lesionstack.metrics import (
     balanced_accuracy,
     confusion_matrix,
@@ -68,6 +67,7 @@ from lesionstack.runtime import RunSettings, Runtime, adamw, make_loader, model_
 from lesionstack.train.cnn import optimiser_step, resume, save_torch, warmup_cosine
 from lesionstack.train.cnn_config import RUNTIME_KEYS
 from lesionstack.train.diagnosis_config import DiagnosisConfig
+from lesionstack.trained.loaders import load_diagnosis_fold
 
 log = logging.getLogger(__name__)
 
@@ -256,18 +256,12 @@ def _keep(state: FoldState, row: dict[str, Any], model: nn.Module, files: FoldFi
 # ---- out-of-fold scores -------------------------------------------------------------------------------
 
 
-def load_fold_model(files: FoldFiles, n_classes: int) -> nn.Module:
-    """A fold's kept model from its config.yaml and model.safetensors, in eval mode (the inference loader:
-    no segmenter or classifier init file is needed, the fold's weights replace them all)."""
-    return load_weights(read_config_dict(files.config)["model"], files.safetensors, str(files.config), n_classes)
-
-
 def write_oof(data: DiagnosisData, folds: pd.DataFrame, cfg: DiagnosisConfig, art: ArtifactPaths,
               rt: Runtime) -> dict[str, Any]:
     """Score each fold's rows with its own kept model; write oof.parquet and cv.json; return the summary."""
     parts = []
     for fold in sorted(folds["fold"].unique()):
-        model = rt.place(load_fold_model(art.diagnosis_fold(int(fold)), len(data.classes)))
+        model = rt.place(load_diagnosis_fold(art.diagnosis_fold(int(fold)), len(data.classes)))
         rows = folds[folds["fold"] == fold].reset_index(drop=True)
         ds = CropDataset(data.images, rows[ID_COLUMN], None, cfg.image_size)
         probs = predict_proba(model, ds, rt, tta=cfg.tta_hflip, desc=f"OOF fold {fold}")

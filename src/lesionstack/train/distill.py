@@ -38,9 +38,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file
 from sklearn.linear_model import LogisticRegression
-from torch import nn
 from tqdm.auto import tqdm
 
 from lesionstack.config import ConfigError, load_config
@@ -51,7 +49,6 @@ from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import folds_digest, read_folds
 from lesionstack.metrics import pauc, roc_auc
-from lesionstack.models import build_model
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 from lesionstack.resume import record_or_check_inputs
 from lesionstack.runtime import RunSettings, Runtime, init_distributed, predict_logits, sigmoid
@@ -66,7 +63,8 @@ from lesionstack.tabular.stack import (
 )
 from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.train.cnn import LossFn, check_oof, train_fold
-from lesionstack.train.distill_config import DistillConfig, TeacherConfig, load_distill_config
+from lesionstack.train.distill_config import DistillConfig, TeacherConfig
+from lesionstack.trained.loaders import load_student
 
 log = logging.getLogger(__name__)
 
@@ -248,16 +246,6 @@ def fold_teacher_logits(teacher: pd.DataFrame, folds: pd.DataFrame, k: int) -> n
 # ---- weights ------------------------------------------------------------------------------------------
 
 
-def load_student(fold_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[nn.Module,
-                                                                                                 DistillConfig]:
-    """A trained student fold (its config.yaml + model.safetensors) in eval mode."""
-    files = FoldFiles(Path(fold_dir))
-    cfg = load_distill_config(files.config)
-    model = build_model(dataclasses.replace(cfg.model, classifier_weights=None))
-    model.load_state_dict(load_file(str(files.dir / WEIGHTS_FILE)))
-    return model.to(device).eval(), cfg
-
-
 # ---- the stage ----------------------------------------------------------------------------------------
 
 
@@ -291,7 +279,7 @@ def write_student_scores(folds: pd.DataFrame, images: H5Images, cfg: DistillConf
     """oof.parquet (each fold's validation rows scored by its own student) and metrics.json."""
     parts = []
     for k in sorted(folds["fold"].unique()):
-        model = rt.place(load_student(art.distill_fold(name, int(k)).dir, rt.device)[0])
+        model = rt.place(load_student(art.distill_fold(name, int(k)).dir)[0])
         val = folds[folds["fold"] == k]
         ds = CropDataset(images, val[ID_COLUMN], val[TARGET_COLUMN], cfg.image_size)
         scores = sigmoid(predict_logits(model, ds, rt, desc=f"OOF fold {k}"))

@@ -28,11 +28,11 @@ from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.files import atomic_path, write_json
 from lesionstack.folds import read_folds
-from lesionstack.inference.predictor import load_cnn_fold
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.resume import record_or_check_inputs
 from lesionstack.runtime import RunSettings, Runtime, predict_logits
-from lesionstack.train.distill import fold_spread, load_student
+from lesionstack.train.distill import fold_spread
+from lesionstack.trained.loaders import load_cnn_fold, load_student
 
 STORE_QUALITY = 95  # the degraded crop is stored near-losslessly; its own JPEG damage happened before
 
@@ -68,7 +68,7 @@ def fold_models(art: ArtifactPaths, model: str, folds: Sequence[int]) -> Iterato
             yield k, load_cnn_fold(files, cfg).eval(), cfg
         else:
             net, student = load_student(art.distill_fold(model, k).dir)
-            yield k, net, config_to_dict(student)
+            yield k, net, student
 
 
 def evaluate_phone(data_dir: str | os.PathLike[str], artifacts: str | os.PathLike[str], model: str = "cnn",
