@@ -116,8 +116,7 @@ def test_class_probabilities_appear_with_a_diagnosis_model(analyser, shared_data
 
 
 def test_the_score_is_the_fold_ensembles(client, analyser, shared_data):
-    crop = np.asarray(Image.open(io.BytesIO(real_crop(shared_data))).convert("RGB"))
-    expected = analyser.predictor.score_crops([crop])[0]
+    expected = analyser.predictor.score_crops([analyser.predictor.decode(real_crop(shared_data))])[0]
     assert post(client, real_crop(shared_data)).json()["probability"] == pytest.approx(expected, abs=1e-6)
 
 

@@ -4,19 +4,17 @@ no-storage guarantee as the CNN. A tiny distilled student (tests/_student.py) ex
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
-from PIL import Image
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from lesionstack.data.decode import decode_input  # noqa: E402
 from lesionstack.inference.export import FP32_FILE, INT8_FILE, OnnxStudent  # noqa: E402
 from lesionstack.inference.serve import (  # noqa: E402
     Analyser,
@@ -62,8 +60,9 @@ def test_the_answer_is_the_onnx_students_and_names_it(client, analyser, student_
     assert r.status_code == 200, r.text
     assert r.headers["cache-control"] == "no-store"
     body = r.json()
-    crop = np.asarray(Image.open(io.BytesIO(real_crop(shared_data))).convert("RGB"))
-    expected = OnnxStudent.load(student_bundle / "export").score_crops([crop])[0]
+    student = OnnxStudent.load(student_bundle / "export")
+    # the student's input is made from the bytes as every command makes it (reduced JPEG scale, then resized)
+    expected = student.score_crops([decode_input(real_crop(shared_data), student.image_size)])[0]
     assert body["probability"] == pytest.approx(expected, abs=1e-6)
     model = body["model"]
     assert model["kind"] == "ONNX student" and model["scorer"] == "onnxruntime" and model["precision"] == "fp32"

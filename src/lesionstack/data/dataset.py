@@ -16,11 +16,10 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from lesionstack.data.augment import AugmentConfig, PhoneConfig, degrade_crop
-from lesionstack.data.decode import shrink
+from lesionstack.data.decode import decode_input, resize_square, shrink
 from lesionstack.data.hdf5 import CorruptImageError, H5Images
 
 log = logging.getLogger(__name__)
@@ -72,8 +71,10 @@ class CropDataset(Dataset[Item]):
         return array
 
     def load(self, index: int) -> np.ndarray:
-        """The crop at `index` as an (S, S, 3) uint8 array (raises `CorruptImageError`)."""
-        return resize_square(self.read(index, self.image_size), self.image_size)
+        """The crop at `index` as an (S, S, 3) uint8 array, made by `decode_input` as `score` and `serve`
+        make theirs (raises `CorruptImageError`)."""
+        isic_id = self.ids[index]
+        return decode_input(self.images.read_bytes(isic_id), self.image_size, where=isic_id, path=self.images.path)
 
     def __getitem__(self, index: int) -> Item:
         return self.item(index, self.load)
@@ -149,13 +150,6 @@ def training_crops(images: H5Images | str | os.PathLike[str], ids: Sequence[str]
         phone_crops = PhoneCropDataset(images, ids, labels, image_size, augment.phone, sampler.seed)
         return phone_crops, TaggedDraws(sampler)
     return CropDataset(images, ids, labels, image_size), sampler
-
-
-def resize_square(array: np.ndarray, size: int) -> np.ndarray:
-    """An (H, W, 3) uint8 crop resized (bilinear) to (size, size, 3), as every model input is made."""
-    if array.shape[:2] == (size, size):
-        return array
-    return np.asarray(Image.fromarray(array).resize((size, size), Image.Resampling.BILINEAR))
 
 
 def resize_mask(mask: np.ndarray, size: int) -> np.ndarray:

@@ -25,8 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionstack.data.dataset import resize_square
-from lesionstack.data.decode import decode_image
+from lesionstack.data.decode import MAX_DECODED_PIXELS, decode_input
 from lesionstack.data.diagnosis import PROB_PREFIX
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import read_json
@@ -40,10 +39,10 @@ __all__ = ["Predictor", "PredictorError", "read_image_file"]
 log = logging.getLogger(__name__)
 
 
-def read_image_file(path: str | os.PathLike[str], min_side: int) -> np.ndarray:
-    """An image file as (H, W, 3) uint8 RGB, through the same capped decoder as HDF5 crops (`decode_image`:
-    JPEG at a reduced scale, PNG and others, EXIF rotation, refused above the pixel limits)."""
-    return decode_image(Path(path).read_bytes(), min_side=min_side, where=Path(path).name, path=path)
+def read_image_file(path: str | os.PathLike[str], size: int) -> np.ndarray:
+    """An image file as a model's (size, size, 3) uint8 input, made as HDF5 crops and uploads are
+    (`decode_input`: JPEG at a reduced scale, PNG and others, EXIF rotation, refused above the pixel limits)."""
+    return decode_input(Path(path).read_bytes(), size, where=Path(path).name, path=path)
 
 
 class Predictor(FoldScorer):
@@ -95,11 +94,23 @@ class Predictor(FoldScorer):
 
     # ---- files ----------------------------------------------------------------------------------------
 
+    @property
+    def input_size(self) -> int:
+        """The side of the images this bundle scores: the CNN's, or a diagnosis-only bundle's."""
+        return self.diagnosis.image_size if self.diagnosis is not None and not self._folds else self._need_cnn()
+
+    def decode(self, data: bytes, where: str = "image", path: str | os.PathLike[str] | None = None,
+               max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
+        """Image bytes -> the (S, S, 3) uint8 input of this bundle's models, made as `predict` (HDF5 crops),
+        `score` (files) and `serve` (uploads) all make it (`decode_input`): one file, one probability."""
+        return decode_input(data, self.input_size, max_pixels=max_pixels, where=where, path=path)
+
     def score_files(self, paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
         """DataFrame[path, probability, error] for JPEG/PNG/... files; an unreadable file gets NaN and the
         reason in `error` (None elsewhere)."""
-        # a diagnosis-only bundle (e.g. HAM10000) scores class probabilities alone: probability stays NaN
-        size = self.diagnosis.image_size if self.has_diagnosis and not self._folds else self._need_cnn()
+        # a diagnosis-only bundle (e.g. HAM10000) scores class probabilities alone: probability stays NaN;
+        # with no model at all this raises here, not once per file
+        _ = self.input_size
         paths = [os.fspath(p) for p in paths]
         prob, error = np.full(len(paths), np.nan), [None] * len(paths)
         classes = np.full((len(paths), len(self.diagnosis_classes)), np.nan) if self.has_diagnosis else None
@@ -108,7 +119,7 @@ class Predictor(FoldScorer):
             read: dict[int, np.ndarray] = {}
             for i in range(start, min(start + step, len(paths))):
                 try:
-                    read[i] = resize_square(read_image_file(paths[i], size), size)
+                    read[i] = self.decode(Path(paths[i]).read_bytes(), Path(paths[i]).name, paths[i])
                 except (OSError, ValueError) as err:  # CorruptImageError and PIL's errors included
                     error[i] = f"{type(err).__name__}: {err}"
                     log.warning("%s not scored (NaN): %s", paths[i], error[i])

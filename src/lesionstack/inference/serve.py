@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from lesionstack.data.decode import decode_input
 from lesionstack.files import read_json
 from lesionstack.inference.explain import (
     Reference,
@@ -178,9 +179,18 @@ class Analyser:
                 "reference": None if ref is None else {"n_benign": len(ref.benign), "n_malignant": len(ref.malignant)},
                 "limits": asdict(self.limits), "sites": list(SITES)}
 
+    def model_input(self, image: DecodedImage) -> np.ndarray:
+        """The upload's bytes as the model's (S, S, 3) input, made as `score` and `predict` make theirs
+        (`decode_input`): the same file gets the same probability from all three."""
+        if self.student is not None:
+            return decode_input(image.data, self.student.onnx.image_size, max_pixels=self.limits.max_pixels,
+                                where="upload")
+        assert self.predictor is not None
+        return self.predictor.decode(image.data, "upload", max_pixels=self.limits.max_pixels)
+
     def analyse(self, image: DecodedImage, metadata: dict[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
-        crop = image.rgb
+        crop = self.model_input(image)
         with self.lock:
             if self.student is not None:
                 probability, masks, cam, diagnosis = float(self.student.score_crops([crop])[0]), None, None, None
@@ -191,7 +201,7 @@ class Analyser:
                 masks = p.masks([crop])
                 cam = gradcam(p.models, p.preprocess([crop]))
                 diagnosis = self._diagnose(crop)
-        photo = display_copy(crop)
+        photo = display_copy(image.rgb)
         rank = None if self.reference is None else _finite(self.reference.rank(probability))
         return {
             "probability": probability,
@@ -201,7 +211,7 @@ class Analyser:
             "gradcam_layer": self.gradcam_layer,
             "model": self.model_info(),
             "metadata": metadata,
-            "image": {"width": int(crop.shape[1]), "height": int(crop.shape[0]), "format": image.format,
+            "image": {"width": int(image.rgb.shape[1]), "height": int(image.rgb.shape[0]), "format": image.format,
                       "mode": image.mode, "notes": image.notes},
             "diagnosis": diagnosis,
             "seconds": round(time.perf_counter() - start, 4),

@@ -22,6 +22,7 @@ from lesionstack.data.decode import (
     CorruptImageError,
     ImageTooLargeError,
     decode_image,
+    png_exif,
     sniff_format,
 )
 from lesionstack.data.schema import CATEGORY_VALUES
@@ -61,6 +62,7 @@ class DecodedImage:
     format: str  # JPEG or PNG
     mode: str  # the file's Pillow mode before conversion (L, RGB, RGBA, CMYK, I;16 ...)
     notes: list[str] = field(default_factory=list)  # what was done to the pixels, shown to the user
+    data: bytes = b""  # the file itself: the model's input is made from it as `score` makes it (`decode_input`)
 
 
 # ---- the multipart body -------------------------------------------------------------------------------
@@ -156,7 +158,7 @@ def decode_upload(data: bytes, limits: Limits = Limits()) -> DecodedImage:
     notes = _notes(mode, orientation)
     if rgb.shape[0] * rgb.shape[1] < width * height:
         notes.append(f"decoded at a reduced scale from {width}x{height} px (over {limits.max_pixels:,} pixels)")
-    return DecodedImage(rgb=np.ascontiguousarray(rgb), format=kind, mode=mode, notes=notes)
+    return DecodedImage(rgb=np.ascontiguousarray(rgb), format=kind, mode=mode, notes=notes, data=data)
 
 
 def _reason(err: Exception) -> str:
@@ -164,18 +166,32 @@ def _reason(err: Exception) -> str:
 
 
 def _header(data: bytes, kind: str) -> tuple[str, int, tuple[int, int]]:
-    """(Pillow mode, EXIF orientation, (width, height)) from the header alone, no pixel decoded."""
+    """(Pillow mode, EXIF orientation, (width, height)) from the header alone, no pixel decoded: bounded
+    time and memory whatever size the file declares."""
     try:
         with warnings.catch_warnings():  # Pillow's bomb warning: decode_image applies the project's limits
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[kind])
         with img:
-            orientation = int(img.getexif().get(EXIF_ORIENTATION, 1))
-            return img.mode, orientation, img.size
+            return img.mode, _orientation(img, data, kind), img.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UploadError(422, f"cannot read this {kind}'s header (truncated or corrupt?): {plain(err)}") from err
     except Image.DecompressionBombError as err:  # Pillow's own cap, at open: refused as decode_image would
         raise UploadError(413, f"the image is too large to decode: {plain(err)}") from err
+
+
+def _orientation(img: Image.Image, data: bytes, kind: str) -> int:
+    """The EXIF orientation tag (1 without one). A JPEG's EXIF is read with its header; a PNG's `getexif`
+    would decode every pixel (a 12,000-px square: seconds and hundreds of MB) unless its eXIf chunk comes
+    first, so the chunk is found by walking the chunk headers instead."""
+    if kind != "PNG":
+        return int(img.getexif().get(EXIF_ORIENTATION, 1))
+    raw = png_exif(data)
+    if not raw:
+        return 1
+    exif = Image.Exif()
+    exif.load(raw)
+    return int(exif.get(EXIF_ORIENTATION, 1))
 
 
 def _notes(mode: str, orientation: int) -> list[str]:
