@@ -18,11 +18,11 @@ from lesionstack.config import ConfigError, save_config
 from lesionstack.folds import read_folds
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
+from lesionstack.report.distill import comparison
 from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.train.cnn import check_oof
 from lesionstack.train.distill import (
     WEIGHTS_FILE,
-    comparison,
     distill,
     distill_loss,
     nested_scores,

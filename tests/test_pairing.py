@@ -16,13 +16,13 @@ import pytest
 from lesionstack.errors import classify
 from lesionstack.files import read_json, write_json
 from lesionstack.paths import ArtifactPaths
+from lesionstack.report.shift import shift_table
 from lesionstack.tabular.features import build_features
 from lesionstack.tabular.pairing import (
     PairingError,
     compare,
     fold_cnn_features,
     paired_features,
-    shift_rows,
 )
 from lesionstack.tabular.stack import blend, load_models, predict_stack, train_stack
 from lesionstack.tabular.stack_config import StackConfig, StackError
@@ -108,6 +108,6 @@ def test_compare_measures_a_narrower_spread() -> None:
     out = compare(single, {"test_mean": mean, "test_paired": rng.beta(0.5, 4, size=3000)})
     assert out["test_mean"]["ks"] > 0.2 > 0.05 > out["test_paired"]["ks"]
     assert out["test_mean"]["std"] < out["oof"]["std"] and set(out["oof"]["quantiles"]) >= {"q01", "q50", "q99"}
-    rows = shift_rows({"features": {"cnn_score": out}, "stack_fold_probability": out,
-                       "stack_final_probability": out})
-    assert rows[0][0] == "cnn_score (feature)" and len(rows) == 3 and len(rows[0]) == 6
+    header, rows = shift_table({"features": {"cnn_score": out}, "stack_fold_probability": out,
+                                "stack_final_probability": out})
+    assert rows[0][0] == "CNN score (stacker input)" and len(rows) == 3 and len(rows[0]) == len(header) == 6

@@ -393,9 +393,12 @@ def test_the_train_vs_test_score_scale_table_shows_score_shift_json(tmp_path):
                                    "cnn_score_by_fold": {"0": {"ks_mean": 0.5, "ks_paired": 0.04}},
                                    "stack_fold_probability": cmp, "stack_final_probability": cmp})
     page = write_report(paths.root, config=FAST).read_text()
-    rows = _table_rows(page, "Train vs test score scale (test set, no labels)")
-    assert list(rows) == ["cnn_score (feature)", "stack fold probability", "stack final probability (fold mean)"]
-    assert rows["cnn_score (feature)"][2] == f"{cmp['test_mean']['ks']:.3f}"
-    assert rows["cnn_score (feature)"][4] == f"{cmp['test_paired']['ks']:.3f}"
-    assert "fold 0 0.500 → 0.040" in page
-    assert "Train vs test" not in write_report(make_artifacts(tmp_path / "b", full=False).root, config=FAST).read_text()
+    title = "Do test scores look like training scores? (test set, no labels needed)"
+    rows = _table_rows(page, title)
+    cnn = "CNN score (stacker input)"
+    assert list(rows) == [cnn, "Stacker probability, one fold model",
+                          "Stacker probability, mean of fold models (submitted)"]
+    assert rows[cnn][2] == f"{cmp['test_mean']['ks']:.3f}"
+    assert rows[cnn][4] == f"{cmp['test_paired']['ks']:.3f}"
+    assert "fold 0: 0.500 → 0.040" in page and "0 means the same distribution" in page
+    assert title not in write_report(make_artifacts(tmp_path / "b", full=False).root, config=FAST).read_text()

@@ -9,7 +9,8 @@ from lesionstack.config import save_config
 from lesionstack.files import write_text
 from lesionstack.paths import ArtifactPaths
 from lesionstack.pipeline import format_summary
-from lesionstack.tabular.selection import selection_caveat, selection_flags
+from lesionstack.report.inputs import selection_caveat
+from lesionstack.tabular.selection import selection_flags
 from lesionstack.train.cnn_config import CNNConfig
 
 

@@ -30,7 +30,7 @@ from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import FoldsConfig, folds_stage
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
-from lesionstack.tabular.selection import selection_caveat
+from lesionstack.report.inputs import selection_caveat
 from lesionstack.tabular.stack import StackResult
 from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.tune import TuneSettings

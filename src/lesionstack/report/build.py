@@ -18,8 +18,8 @@ from lesionstack.paths import ArtifactPaths, DataPaths, ReportFiles
 from lesionstack.report import figures, montage, stats
 from lesionstack.report import html as h
 from lesionstack.report.diagnosis import diagnosis_section, has_diagnosis
-from lesionstack.report.inputs import MODEL_COLUMNS, MODEL_LABELS, ReportInputs, load_inputs
-from lesionstack.tabular.selection import selection_caveat
+from lesionstack.report.inputs import MODEL_COLUMNS, MODEL_LABELS, ReportInputs, load_inputs, selection_caveat
+from lesionstack.report.shift import shift_part
 
 
 @dataclass
@@ -143,21 +143,9 @@ def _table_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
 
 def _shift_part(inputs: ReportInputs) -> list[str]:
     """OOF vs test score distributions, before and after fold pairing (score_shift.json of the predict stage)."""
-    from lesionstack.tabular.pairing import SHIFT_HEADER, shift_rows
-
     if not inputs.paths.score_shift.is_file():
         return []
-    shift = read_json(inputs.paths.score_shift)
-    by_fold = ", ".join(f"fold {k} {v['ks_mean']:.3f} → {v['ks_paired']:.3f}"
-                        for k, v in shift["cnn_score_by_fold"].items())
-    return ["<h3>Train vs test score scale (test set, no labels)</h3>", h.table(SHIFT_HEADER, shift_rows(shift)),
-            h.paragraph(
-                f"OOF scores come from one fold model each. The test set's {shift['n_test']} lesions, scored with the "
-                "mean of the CNN fold models' scores (before) and with stack fold k on CNN fold k's scores (paired, "
-                "as predict does), pooled over folds. KS: the two-sample Kolmogorov-Smirnov statistic against the "
-                f"OOF (0 = same distribution). CNN fold k's own OOF scores against its test scores, KS mean → "
-                f"paired: {by_fold}. The stack's final test probability is averaged over its folds, so it is "
-                "narrower than the OOF either way; the submission ranks it.")]
+    return shift_part(read_json(inputs.paths.score_shift))
 
 
 def _metric_row(model: str, entry: dict, ci: stats.BootstrapCI, key: str) -> list[str]:
@@ -323,7 +311,7 @@ def _demo_row(label: str, frame: pd.DataFrame, col: str, best: float) -> list[st
 
 def _distill_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     """Shown when `lesionstack distill` has written students under ARTIFACTS/distill."""
-    from lesionstack.train.distill import comparison, read_student_metrics
+    from lesionstack.report.distill import comparison, read_student_metrics
 
     if not read_student_metrics(inputs.paths.root):
         return ""

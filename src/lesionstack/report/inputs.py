@@ -220,3 +220,16 @@ def _read_cnn_metrics(paths: ArtifactPaths, n_folds: int, notes: list[str]) -> d
         notes[:] = [n for n in notes if not n.startswith("No CNN fold")]
         notes.append(f"No CNN training curves: no {paths.cnn_dir}/fold_k/metrics.json was found.")
     return found
+
+
+def selection_caveat(cv: dict[str, Any]) -> str | None:
+    """One sentence for the summary and the report, or None when nothing was chosen on the scored folds."""
+    selection = cv.get("selection") or {}
+    reasons = []
+    if selection.get("tuned_on_same_folds"):
+        reasons.append("the stacker's parameters or blend weights were tuned on these same folds")
+    if selection.get("cnn_epoch_selected_on_scored_fold"):
+        reasons.append("each CNN fold's epoch was picked by the pAUC of the fold it scores (keep: best)")
+    if not reasons:
+        return None
+    return "caveat: optimistic scores: " + "; ".join(reasons) + " (cv.json selection)"

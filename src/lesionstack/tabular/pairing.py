@@ -169,22 +169,3 @@ def score_shift(artifacts: ArtifactPaths, test_features: pd.DataFrame, fold_cnn:
         "stack_fold_probability": compare(oof_p, {n: p.ravel() for n, p in fold_p.items()}),
         "stack_final_probability": compare(oof_p, {n: p.mean(axis=0) for n, p in fold_p.items()}),
     }
-
-
-def shift_rows(shift: dict[str, Any]) -> list[list[str]]:
-    """One table row per measured score: OOF median and IQR, then KS and median before and after pairing
-    (for the report and the README)."""
-    named = {f"{name} (feature)": v for name, v in shift["features"].items()}
-    named |= {"stack fold probability": shift["stack_fold_probability"],
-              "stack final probability (fold mean)": shift["stack_final_probability"]}
-
-    def spread(d: dict[str, Any]) -> str:
-        q = d["quantiles"]
-        return f"{q['q50']:.3g} [{q['q25']:.3g}, {q['q75']:.3g}]"
-
-    return [[name, spread(d["oof"]), spread(d["test_mean"]), f"{d['test_mean']['ks']:.3f}",
-             spread(d["test_paired"]), f"{d['test_paired']['ks']:.3f}"] for name, d in named.items()]
-
-
-SHIFT_HEADER = ["Score", "OOF median [IQR]", "Test, mean of CNN folds: median [IQR]", "KS",
-                "Test, paired by fold: median [IQR]", "KS"]

@@ -2,12 +2,11 @@
 
 Two choices made on the scored folds make the OOF pAUC optimistic: stacker parameters (Optuna's best trial,
 or blend weights fitted on the OOF) picked by the same folds' pAUC, and a CNN fold's epoch picked by the
-pAUC of the fold it then scores (`keep: best`). cv.json records both, and the summary and report say so.
+pAUC of the fold it then scores (`keep: best`). cv.json records both, and the summary and report say so
+(`report.inputs.selection_caveat` reads them back).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 from lesionstack.config import read_config_dict
 from lesionstack.paths import ArtifactPaths
@@ -26,16 +25,3 @@ def cnn_keeps_best(artifacts: ArtifactPaths, n_folds: int) -> bool:
         if config.is_file() and read_config_dict(config).get("keep", "best") == "best":
             return True
     return False
-
-
-def selection_caveat(cv: dict[str, Any]) -> str | None:
-    """One sentence for the summary and the report, or None when nothing was chosen on the scored folds."""
-    selection = cv.get("selection") or {}
-    reasons = []
-    if selection.get("tuned_on_same_folds"):
-        reasons.append("the stacker's parameters or blend weights were tuned on these same folds")
-    if selection.get("cnn_epoch_selected_on_scored_fold"):
-        reasons.append("each CNN fold's epoch was picked by the pAUC of the fold it scores (keep: best)")
-    if not reasons:
-        return None
-    return "caveat: optimistic scores: " + "; ".join(reasons) + " (cv.json selection)"
