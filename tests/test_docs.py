@@ -104,9 +104,15 @@ def resolves(cls: type, path: list[str]) -> bool:
     return _is_mapping(hints[head])
 
 
+LOADER_KEYS = {"base", "schema"}  # read by the YAML loader itself (inheritance, schema version), in any config
+
+
 def key_exists(key: str, *, family_only: bool = False) -> bool:
     """`fam.path` in that family; otherwise (unless `family_only`) `path` from the root of any family."""
     parts = key.split(".")
+    if parts[-1] in LOADER_KEYS and (len(parts) == 1 or key_exists(".".join(parts[:-1]), family_only=family_only)
+                                     or parts[0] in families() and len(parts) == 2):
+        return True
     fams = families()
     if parts[0] in fams and len(parts) > 1 and resolves(fams[parts[0]], parts[1:]):
         return True
