@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt
 # The demo data is written once (deterministic by seed); a rerun of `make demo` resumes the pipeline.
 demo: setup
 	test -f demo/data/train-metadata.csv || $(BIN)/lesionstack demo-data demo/data --seed 0
-	$(BIN)/lesionstack run demo/data --out demo/artifacts --config configs/run/demo.yaml
+	$(BIN)/lesionstack run demo/data --artifacts demo/artifacts --config configs/run/demo.yaml
 
 # The whole default suite (the browser, PostgreSQL and ISIC-scorer tests included), then the Kaggle
 # kernel on the Kaggle image's library versions: CI runs exactly this (.ci/run).

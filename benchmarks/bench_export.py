@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/bench_export.py EXPORT_DIR --artifacts ARTIFACTS [--runs 200] [--json out.json]
 
-EXPORT_DIR is the output of `lesionstack export ARTIFACTS --out EXPORT_DIR --int8`. For each model and each
+EXPORT_DIR is the output of `lesionstack export -a ARTIFACTS --out EXPORT_DIR --int8`. For each model and each
 thread count (1 and 4 by default): batch 1 at the student's input size, `--warmup` untimed runs, then
 `--runs` timed runs on real validation crops; p50 and p90 latency in milliseconds. Also the model file size
 and the pAUC on the exported fold's validation crops (from export.json; no TTA). Runs interleave the three

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_serve.py ARTIFACTS [--image CROP.jpg] [--clients 8] [--timed 200]
 
-Starts the real server (`lesionstack serve ARTIFACTS`, a subprocess on a free loopback port), then sends
+Starts the real server (`lesionstack serve -a ARTIFACTS`, a subprocess on a free loopback port), then sends
 POST /api/predict with a real ISIC 2024 crop from `--clients` concurrent clients, in bounded phases:
 
     requests 1..100       -> resident memory (RSS) of the server process after 100 requests

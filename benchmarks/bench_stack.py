@@ -63,7 +63,7 @@ def full_stacker(feats: pd.DataFrame, folds: pd.DataFrame, cnn: pd.DataFrame, cf
     cnn.to_parquet(art.oof_cnn, index=False)
     config = save_config(cfg, art.root / "stack.yaml")
     before, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lesionstack.cli", "train-stack", "--out", str(art.root),
+    subprocess.run([sys.executable, "-m", "lesionstack.cli", "train-stack", "--artifacts", str(art.root),
                     "--config", str(config)], check=True)
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime

@@ -142,7 +142,7 @@ def test_metadata_id_without_image(test_csv, public_test_dir):
 
 
 def test_missing_metadata_file(tmp_path):
-    with pytest.raises(MetadataError, match="not found"):
+    with pytest.raises(FileNotFoundError, match="not found"):
         read_metadata(tmp_path / "nope.csv")
 
 

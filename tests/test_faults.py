@@ -110,7 +110,7 @@ def test_bad_hdf5_stops_run_before_any_stage_and_keeps_source_json(capsys, data,
     bad = copy_data(data, tmp_path / "data")
     DataPaths(bad).train_images.write_bytes(b"this is not HDF5" * 100)
     out = tmp_path / "art"
-    code, _, err = cli(capsys, "run", bad, "--out", out)
+    code, _, err = cli(capsys, "run", bad, "--artifacts", out)
     assert_clean(code, err, "image", str(DataPaths(bad).train_images), "not a readable HDF5")
     assert not ArtifactPaths(out).source.exists()  # source.json never points at data that failed
     assert not ArtifactPaths(out).folds.exists()
@@ -141,7 +141,7 @@ def test_a_fold_file_with_a_one_class_fold_names_fold_and_file(capsys, stacked, 
     for k in (0, 1):
         folds.loc[folds.index[folds["fold"] == k][0], "target"] = 1
     folds.to_csv(ArtifactPaths(art).folds, index=False)
-    code, _, err = cli(capsys, "train-stack", "--out", art, "--config", stacked.parent / "stack.yaml")
+    code, _, err = cli(capsys, "train-stack", "--artifacts", art, "--config", stacked.parent / "stack.yaml")
     assert_clean(code, err, "folds", str(ArtifactPaths(art).folds), "fold 2 has no positives", "[1, 1, 0]")
 
 
@@ -150,20 +150,20 @@ def test_features_of_other_data_name_the_feature_file_and_the_fold_file(capsys, 
     shutil.copytree(stacked, art)
     features = pd.read_parquet(ArtifactPaths(art).features_train)
     features.iloc[:-3].to_parquet(ArtifactPaths(art).features_train)  # three training rows lost
-    code, _, err = cli(capsys, "train-stack", "--out", art, "--config", stacked.parent / "stack.yaml")
+    code, _, err = cli(capsys, "train-stack", "--artifacts", art, "--config", stacked.parent / "stack.yaml")
     assert_clean(code, err, "stack", str(ArtifactPaths(art).features_train), str(ArtifactPaths(art).folds),
                  "3 missing")
 
 
 def test_a_missing_fold_file_says_how_to_make_it(capsys, tmp_path):
-    code, _, err = cli(capsys, "train-stack", "--out", tmp_path / "empty")
+    code, _, err = cli(capsys, "train-stack", "--artifacts", tmp_path / "empty")
     assert_clean(code, err, "folds", str(tmp_path / "empty" / "folds.csv"), "lesionstack folds")
 
 
 def test_unknown_config_key_names_file_and_key(capsys, stacked, tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("n_rounds: 20\nlearning_rat: 0.1\n")
-    code, _, err = cli(capsys, "train-stack", "--out", stacked, "--config", cfg)
+    code, _, err = cli(capsys, "train-stack", "--artifacts", stacked, "--config", cfg)
     assert_clean(code, err, "config", str(cfg), "learning_rat")
 
 
@@ -194,7 +194,7 @@ def test_unseen_categories_and_missing_columns_warn_with_column_and_rows(capsys,
     test.loc[:2, "anatom_site_general"] = "tail"
     test["tbp_lv_H"] = np.nan
     test.drop(columns=["tbp_lv_stdL"]).to_csv(drifted / "test-metadata.csv", index=False)
-    code, out, _ = cli(capsys, "features", drifted, "--out", tmp_path / "art", "--no-cnn")
+    code, out, _ = cli(capsys, "features", drifted, "--artifacts", tmp_path / "art", "--no-cnn")
     assert code == 0
     assert "column 'anatom_site_general': 3 row(s) hold categories never seen in training (e.g. ['tail'])" in out
     assert f"column 'tbp_lv_H' is missing in all {len(test)} rows" in out
@@ -228,7 +228,7 @@ def tiny_mount(tmp_path):
 
 def test_full_disk_names_the_file_being_written(capsys, data, tiny_mount):
     full = tiny_mount("size=64k")  # too small for the feature tables
-    code, _, err = cli(capsys, "features", data, "--out", full / "art", "--no-cnn")
+    code, _, err = cli(capsys, "features", data, "--artifacts", full / "art", "--no-cnn")
     assert_clean(code, err, "disk full", "No space left on device", str(full / "art"))
     assert not list(full.rglob("*.tmp")), "a partial temporary file was left behind"
 
@@ -276,7 +276,7 @@ def test_two_commands_on_one_artifacts_folder_and_a_stale_lock(stacked, tmp_path
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(art)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        second = lesionstack("train-stack", "--out", art, "--config", stacked.parent / "stack.yaml")
+        second = lesionstack("train-stack", "--artifacts", art, "--config", stacked.parent / "stack.yaml")
         line = assert_clean(second.returncode, second.stderr, "locked", str(art), f"pid {holder.pid}",
                             "lesionstack run data --out", "since ")
         assert "in use by another lesionstack command" in line
@@ -286,7 +286,7 @@ def test_two_commands_on_one_artifacts_folder_and_a_stale_lock(stacked, tmp_path
     assert str(holder.pid) in ArtifactPaths(art).lock.read_text()
     partial = art / "features" / ".train.parquet.killed.tmp"  # what a kill mid-write leaves
     partial.write_text("{")
-    third = lesionstack("train-stack", "--out", art, "--config", stacked.parent / "stack.yaml")
+    third = lesionstack("train-stack", "--artifacts", art, "--config", stacked.parent / "stack.yaml")
     assert third.returncode == 0, third.stderr
     assert f"took over the lock of {art} left by pid {holder.pid}" in third.stderr
     assert ArtifactPaths(art).lock.read_text() == ""  # released on a clean exit
@@ -296,7 +296,7 @@ def test_two_commands_on_one_artifacts_folder_and_a_stale_lock(stacked, tmp_path
 def test_a_stage_killed_midway_leaves_no_partial_file_and_reruns(stacked, tmp_path):
     art = tmp_path / "art"
     shutil.copytree(stacked, art)
-    args = [sys.executable, "-m", "lesionstack.cli", "train-stack", "--out", str(art), "--config",
+    args = [sys.executable, "-m", "lesionstack.cli", "train-stack", "--artifacts", str(art), "--config",
             str(stacked.parent / "stack.yaml")]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
@@ -304,7 +304,7 @@ def test_a_stage_killed_midway_leaves_no_partial_file_and_reruns(stacked, tmp_pa
         time.sleep(0.05)  # kill once the stage has started writing
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    rerun = lesionstack("train-stack", "--out", art, "--config", stacked.parent / "stack.yaml")
+    rerun = lesionstack("train-stack", "--artifacts", art, "--config", stacked.parent / "stack.yaml")
     assert rerun.returncode == 0, rerun.stderr
     assert not [p for p in art.rglob("*") if p.name.endswith(".tmp")]
     assert ArtifactPaths(art).cv_json.is_file()
@@ -314,13 +314,13 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(capsys, monkeypatch, tmp
     from lesionstack.cli import main
     from lesionstack.folds import FoldError
 
-    code, _, err = cli(capsys, "train-stack", "--out", tmp_path / "none")
+    code, _, err = cli(capsys, "train-stack", "--artifacts", tmp_path / "none")
     assert code == 6 and "Traceback" not in err
     with pytest.raises(FoldError):  # re-raised: Python prints the traceback, exit code 1
-        main(["--debug", "train-stack", "--out", str(tmp_path / "none")])
+        main(["--debug", "train-stack", "--artifacts", str(tmp_path / "none")])
     monkeypatch.setenv("LESIONSTACK_DEBUG", "1")
     with pytest.raises(FoldError):
-        main(["train-stack", "--out", str(tmp_path / "none")])
+        main(["train-stack", "--artifacts", str(tmp_path / "none")])
 
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch, tmp_path):
@@ -332,7 +332,7 @@ def test_an_unexpected_exception_keeps_its_traceback(monkeypatch, tmp_path):
 
     monkeypatch.setattr(stack, "train_stack", bug)
     with pytest.raises(ZeroDivisionError):
-        main(["train-stack", "--out", str(tmp_path / "art")])
+        main(["train-stack", "--artifacts", str(tmp_path / "art")])
 
 
 def test_a_one_class_validation_fold_in_the_cnn_names_fold_and_fold_file(monkeypatch, tmp_path):

@@ -101,7 +101,7 @@ def _lesionstack(*args: str) -> list[str]:
 
 
 def _tune(out: Path, url: str, n_trials: int) -> list[str]:
-    return _lesionstack("tune", "--out", str(out), "--config", str(out.parent / "stack.yaml"), "--model", "lgbm",
+    return _lesionstack("tune", "--artifacts", str(out), "--config", str(out.parent / "stack.yaml"), "--model", "lgbm",
                         "--storage", url, "--study-name", STUDY, "--n-trials", str(n_trials))
 
 
@@ -142,7 +142,7 @@ def test_two_tune_workers_share_a_postgres_study_survive_a_kill_and_feed_train_s
     best = optuna.load_study(study_name=STUDY, storage=url).best_trial
     saved = json.loads(ArtifactPaths(out).best_params.read_text())
     assert saved["params"] == best.params and saved["study_name"] == STUDY
-    stacked = subprocess.run(_lesionstack("train-stack", "--out", str(out), "--config",
+    stacked = subprocess.run(_lesionstack("train-stack", "--artifacts", str(out), "--config",
                                           str(out.parent / "stack.yaml")),
                              env=env, capture_output=True, text=True, timeout=300)
     assert stacked.returncode == 0, stacked.stdout + stacked.stderr

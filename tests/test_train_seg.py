@@ -79,7 +79,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pa
     torch.set_num_threads(1)  # tiny tensors: a second thread only spins, worse on a busy machine
     try:
         result = CliRunner().invoke(
-            app, ["train-seg", str(folder), "--out", str(out), "--config", str(config), "--no-progress"]
+            app, ["train-seg", str(folder), "--artifacts", str(out), "--config", str(config), "--no-progress"]
         )
     finally:
         torch.set_num_threads(threads)

@@ -38,7 +38,7 @@ def _finished(art: ArtifactPaths, name: str = "stack-lgbm") -> list[optuna.trial
 def test_two_workers_share_one_sqlite_study(tmp_path: Path) -> None:
     art, _ = _prepare(tmp_path)
     config = save_config(StackConfig(**CFG), tmp_path / "tiny.yaml")
-    cmd = [sys.executable, "-m", "lesionstack.cli", "tune", "--out", str(art.root), "--config", str(config),
+    cmd = [sys.executable, "-m", "lesionstack.cli", "tune", "--artifacts", str(art.root), "--config", str(config),
            "--n-trials", "2"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     workers = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -25,11 +25,14 @@ class ErrorKind:
 
 # class name -> what the user reads; docs/troubleshooting.md's exit-code table is this table
 ERROR_KINDS: dict[str, ErrorKind] = {
-    "ConfigError": ErrorKind(3, "config", "fix the config key named above, or use a new --out folder"),
-    "MetadataError": ErrorKind(4, "metadata", "fix the CSV file, column and row named above"),
-    "CorruptImageError": ErrorKind(5, "image", "replace or drop the crop named above (its isic_id)"),
+    "ConfigError": ErrorKind(3, "config", "fix the config key named above (a config changed under an existing run: "
+                                      "put the old one back, or use a new --artifacts folder)"),
+    "MetadataError": ErrorKind(4, "metadata", "fix the CSV file, column and row named above (or the HDF5 "
+                                "file it names)"),
+    "CorruptImageError": ErrorKind(5, "image", "replace or drop the image named above"),
     "ImageFileError": ErrorKind(5, "image", "check the HDF5 file named above (copy it again if truncated)"),
-    "FoldError": ErrorKind(6, "folds", "rebuild the fold file with `lesionstack folds` (another seed or K)"),
+    "FoldError": ErrorKind(6, "folds", "make the fold file again with `lesionstack folds DATA` on this data "
+                                 "(another seed or K if a fold lacks a class)"),
     "MetricError": ErrorKind(7, "metric", "each fold's validation set needs both classes: rebuild the folds"),
     "FeatureError": ErrorKind(8, "features", "rebuild the features with `lesionstack features`"),
     "StackError": ErrorKind(9, "stack", "rebuild the features (or the CNN scores) from the fold file named above"),
@@ -43,14 +46,17 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "WeightsError": ErrorKind(15, "weights", "point the config at weights of the named architecture"),
     "DemoDataError": ErrorKind(16, "demo-data", "change the demo-data option named above"),
     "PredictorError": ErrorKind(17, "predictor", "check the trained artifacts folder named above (a finished run?)"),
-    "RunLockedError": ErrorKind(13, "locked", "wait for the other run to finish, or use another --out folder"),
+    "RunLockedError": ErrorKind(13, "locked", "wait for the other command to finish, or use another "
+                                "--artifacts folder"),
     # SQLAlchemy's: Optuna could not reach or use the --storage database
     "OperationalError": ErrorKind(14, "storage", "check the --storage URL (server running? user, database?)"),
 }
 MISSING = ErrorKind(20, "missing", "check the path (a typo, or a stage not run yet?)")
 EXISTS = ErrorKind(21, "exists", "choose another output path, or remove the one named above")
-DISK_FULL = ErrorKind(22, "disk full", "free space there, or write --out elsewhere; then rerun (it resumes)")
-NOT_WRITABLE = ErrorKind(23, "not writable", "write --out to a writable folder, or fix the permissions")
+DISK_FULL = ErrorKind(22, "disk full", "free space there, or write elsewhere (--artifacts, --out); then rerun "
+                                                      "(it resumes)")
+NOT_WRITABLE = ErrorKind(23, "not writable", "choose a writable --artifacts (or --out) folder, or fix "
+                                                            "the permissions")
 INTERRUPTED = ErrorKind(130, "interrupted", "rerun the same command to resume where it stopped")
 
 _NOT_WRITABLE = {errno.EROFS, errno.EACCES, errno.EPERM}
@@ -76,6 +82,7 @@ def classify(err: BaseException) -> ErrorKind | None:
     return None
 
 
+_ERRNO = re.compile(r"^\[Errno \d+\] ")
 _OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
@@ -88,6 +95,7 @@ def plain(err: BaseException) -> str:
 def one_line(err: BaseException, kind: ErrorKind) -> str:
     """`lesionstack: <kind> error: <message>` + the hint on a second line."""
     message = " ".join(plain(err).split()) or type(err).__name__  # one line whatever the message held
+    message = _ERRNO.sub("", message)  # "[Errno 13] ..." -> "..."
     if isinstance(err, OSError) and err.filename and str(err.filename) not in message:
         message = f"{message}: {err.filename}"
     return f"lesionstack: {kind.kind} error: {message}\n  what to do: {kind.hint}"

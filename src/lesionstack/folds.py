@@ -205,7 +205,7 @@ def read_folds(path: str | os.PathLike[str], *, keep_group: bool = False) -> pd.
     """Read and check a fold file (`keep_group`: keep a leave-institution-out file's group column)."""
     path = Path(path)
     if not path.is_file():
-        raise FoldError(f"{path}: fold file not found (make it with `lesionstack folds DATA_DIR --out {path}`)")
+        raise FoldError(f"{path}: fold file not found (make it with `lesionstack folds DATA --out {path}`)")
     folds = pd.read_csv(path, dtype={ID_COLUMN: str, PATIENT_COLUMN: str})
     group = fold_group(folds)
     try:
@@ -235,7 +235,8 @@ def make_folds_file(data_dir: str | os.PathLike[str], out: str | os.PathLike[str
         if not force:
             raise FoldError(
                 f"{out} exists with different folds (other data, seed or K). Models trained on it would be "
-                "mixed with new ones; pass --force to replace it on purpose, or choose another --out."
+                "mixed with new ones; pass --force to replace it on purpose, or choose another --artifacts folder "
+                "(or --out file)."
             )
     with atomic_path(out) as tmp:
         tmp.write_text(text)

@@ -7,7 +7,8 @@ Each stage is one function of (data paths, artifacts paths, its config) returnin
 `run` hands them on (the segmenter's result becomes a new CNN config, `cnn_config_with`). Each stage
 guards its own reuse (folds written once; `resume.guard` over config, input digests and DONE markers), so
 a second run after a kill redoes only what was unfinished. The resolved run config is saved as
-`ARTIFACTS/config.yaml`, and the data folder it ran on in `ARTIFACTS/source.json`.
+`ARTIFACTS/config.yaml`, and the data folder it ran on in `ARTIFACTS/source.json` (both at the end of
+a run, or at its start in a new folder). Every input is checked before the first stage (`preflight`).
 """
 
 from __future__ import annotations
@@ -30,11 +31,12 @@ from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import FoldsConfig, folds_stage
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
+from lesionstack.preflight import check_run
 from lesionstack.report.inputs import selection_caveat
 from lesionstack.tabular.stack import StackResult
 from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.tune import TuneSettings
-from lesionstack.train.cnn_config import CNNConfig, check_weights_files, resolve_untrained_segmenter
+from lesionstack.train.cnn_config import CNNConfig, resolve_untrained_segmenter
 from lesionstack.train.diagnosis_config import DiagnosisConfig
 from lesionstack.train.segmenter import SegConfig, SegmenterResult
 
@@ -123,16 +125,16 @@ class ReportResult:
 N_STEPS = 9
 
 
-def run(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: RunConfig | None = None) -> dict[str, Any]:
+def run(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: RunConfig | None = None, *,
+        checked: bool = False) -> dict[str, Any]:
     """Run every stage, each given the typed results it needs; returns a summary (paths and scores) that is
-    also written to run.json. Progress goes to the `lesionstack` logger (the CLI shows it)."""
+    also written to run.json. Progress goes to the `lesionstack` logger (the CLI shows it). Everything the
+    run reads is checked first (`preflight.check_run`; `checked`: the caller already did)."""
     cfg = cfg or RunConfig()
     data, art = DataPaths(data_dir), ArtifactPaths(out)
-    if not data.train_metadata.is_file():
-        raise FileNotFoundError(f"{data.train_metadata}: not found; DATA_DIR must be in the competition's layout")
-    validate_data(data)  # before source.json names it: a failing run must not point the report at bad data
-    check_weights_files(cfg.cnn.model, "run config cnn")  # before hours of segmenter training, not after
-    _record_run(cfg, data, art)
+    if not checked:
+        check_run(data, art, cfg)
+    _record_run(cfg, data, art, finished=False)
     _step(1, "folds", lambda: folds_stage(data, art, cfg.folds))
     seg = _step(2, "segmenter", lambda: _segmenter(cfg, data, art))
     cnn_cfg = cnn_config_with(cfg.cnn, seg)
@@ -144,6 +146,7 @@ def run(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: RunC
     _step(8, "diagnosis", lambda: _diagnosis(cfg, data, art))
     _step(9, "report", lambda: _report(cfg, data, art))
     summary = _summary(data, art, stack)
+    _record_run(cfg, data, art, finished=True)
     write_json(art.run_summary, _relative_paths(summary, art.root))
     return summary
 
@@ -165,21 +168,12 @@ def _relative_paths(summary: dict[str, Any], root: Path) -> dict[str, Any]:
     return out
 
 
-def validate_data(data: DataPaths) -> None:
-    """Read the metadata (schema, values) and check every training row has a crop; raise naming the file."""
-    from lesionstack.data.hdf5 import H5Images
-    from lesionstack.data.metadata import check_images_cover, read_metadata
-
-    train = read_metadata(data.train_metadata, kind="train")
-    with H5Images(data.train_images) as images:
-        check_images_cover(train, set(images.ids), data.train_metadata, images.path)
-    if data.test_metadata.is_file():
-        read_metadata(data.test_metadata, kind="test")
-
-
-def _record_run(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> None:
-    # The run config is a record of the latest run; each stage compares its own config and inputs
-    # before reusing anything, so a speed-only change (workers, threads) does not refuse a resume.
+def _record_run(cfg: RunConfig, data: DataPaths, art: ArtifactPaths, *, finished: bool) -> None:
+    """The run config and the data folder of the latest run (config.yaml, source.json). A new folder gets them
+    at the start (so `report` can find the data of an unfinished run); a folder that already has them is
+    changed only when the run finishes: a failing run leaves a finished folder as it was."""
+    if not finished and art.source.is_file():
+        return
     art.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, art.run_config)
     write_json(art.source, {"data_dir": os.fspath(data.root.resolve())})

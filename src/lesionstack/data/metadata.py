@@ -52,7 +52,7 @@ def read_metadata(path: str | os.PathLike[str], kind: Kind = "train") -> pd.Data
     """
     path = Path(path)
     if not path.is_file():
-        raise MetadataError(f"{path}: metadata file not found")
+        raise FileNotFoundError(f"{path}: metadata file not found")
     try:
         raw = pl.read_csv(path, infer_schema=False, null_values=[""])  # all strings: we type it ourselves
     except pl.exceptions.PolarsError as err:

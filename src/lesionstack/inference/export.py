@@ -1,7 +1,7 @@
 """Export a distilled student to ONNX (fp32, and int8 for phones) with its preprocessing written beside it,
 and load it again with ONNX Runtime alone (`OnnxStudent`), without torch or timm.
 
-    lesionstack export ARTIFACTS --out DIR [--int8] [--student NAME] [--fold K]
+    lesionstack export -a ARTIFACTS --out DIR [--int8] [--student NAME] [--fold K]
 
 DIR holds `student.onnx` (fp32), `student.int8.onnx` (with --int8), `preprocess.json` (everything an app
 needs to turn a photo into the model's input) and `export.json` (the checks and the pAUC of each model on the

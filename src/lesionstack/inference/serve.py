@@ -389,11 +389,12 @@ def serve(artifacts: str | os.PathLike[str], host: str = "127.0.0.1", port: int 
 
 def launch(artifacts: str | os.PathLike[str], port: int, device: str = "auto", output: Any = None,
            timeout: float = 300.0) -> subprocess.Popen:
-    """`lesionstack serve ARTIFACTS --port PORT` in a child process, returned once /healthz answers (for
+    """`lesionstack serve -a ARTIFACTS --port PORT` in a child process, returned once /healthz answers (for
     the browser test, the load benchmark, and scripts). `output`: where its stdout and stderr go."""
     import httpx
 
-    cmd = [sys.executable, "-m", "lesionstack.cli", "serve", str(artifacts), "--port", str(port), "--device", device]
+    cmd = [sys.executable, "-m", "lesionstack.cli", "serve", "--artifacts", str(artifacts), "--port", str(port),
+           "--device", device]
     proc = subprocess.Popen(cmd, stdout=output or subprocess.DEVNULL, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

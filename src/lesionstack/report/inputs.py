@@ -169,11 +169,12 @@ def add_cnn_scores(oof: pd.DataFrame, oof_cnn: Path, notes: list[str]) -> pd.Dat
 
 
 def _find_data_dir(paths: ArtifactPaths, data_dir: str | Path | None, notes: list[str]) -> Path | None:
-    """--data-dir if given, else source.json's data_dir (relative paths resolve against the artifacts)."""
+    """DATA if given, else source.json's data_dir (relative paths resolve against the artifacts)."""
     if data_dir is not None:
         return Path(data_dir)
     if not paths.source.exists():
-        notes.append(f"No data folder: pass --data-dir or write {paths.source}; the image montage is left out.")
+        notes.append(f"No data folder: name it (`lesionstack report DATA`) or write {paths.source}; the image "
+                     "montage is left out.")
         return None
     raw = Path(read_json(paths.source)["data_dir"])
     for candidate in (raw, paths.root / raw):

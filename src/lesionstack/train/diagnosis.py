@@ -1,6 +1,6 @@
 """Train a K-class diagnosis classifier once per fold; write out-of-fold class probabilities.
 
-    lesionstack train-diagnosis DATA --out ARTIFACTS --config configs/diagnosis/demo.yaml
+    lesionstack train-diagnosis DATA --artifacts ARTIFACTS --config configs/diagnosis/demo.yaml
 
 DATA is any of the three layouts of `lesionstack.data.diagnosis` (ISIC 2024, HAM10000, ISIC Task 3). The
 folds group by lesion (HAM10000, Task 3) or patient (ISIC 2024) and are stratified on the class; they are
@@ -314,7 +314,7 @@ def fold_table(data: DiagnosisData, cfg: DiagnosisConfig, art: ArtifactPaths) ->
     path = art.diagnosis_folds
     if path.exists() and path.read_text() != text:
         raise ConfigError(f"{path} exists with different folds (other data, n_folds or fold_seed); use a new "
-                          "--out, or delete that folder to retrain on purpose")
+                          "--artifacts folder, or delete that folder to retrain on purpose")
     if not path.exists():
         write_text(path, text)
     return folds
