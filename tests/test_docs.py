@@ -37,14 +37,17 @@ FILE_SUFFIXES = {"py", "yaml", "yml", "json", "html", "csv", "parquet", "png", "
 
 @cache
 def cli_options() -> dict[str, frozenset[str]]:
-    """Command name -> its option spellings (long and short, secondary `--no-x` included)."""
+    """Command name -> its option spellings (long and short, secondary `--no-x` included, and the old
+    spellings the CLI still accepts with a deprecation notice)."""
     import typer.main
 
     from lesionstack.cli import app
+    from lesionstack.cli.common import DATA_OPTIONS, RENAMED
 
     group = typer.main.get_command(app)
     common = {o for p in group.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
-    return {name: frozenset(common | GLOBAL_OPTIONS | {o for p in cmd.params
+    old = {name: {*RENAMED.get(name, {}), *filter(None, [DATA_OPTIONS.get(name)])} for name in group.commands}
+    return {name: frozenset(common | GLOBAL_OPTIONS | old[name] | {o for p in cmd.params
                                                         for o in (*p.opts, *p.secondary_opts) if o.startswith("-")})
             for name, cmd in group.commands.items()}  # type: ignore[attr-defined]
 

@@ -182,7 +182,7 @@ def test_a_bad_crop_in_training_names_its_id(capsys, tmp_path, kind):
             h5["ISIC_0000005"] = np.bytes_(big)
     (tmp_path / "cnn.yaml").write_text(CNN_YAML)
     code, _, err = cli(capsys, "train-cnn", root, "--folds", root / "folds.csv", "--config", tmp_path / "cnn.yaml",
-                       "--out", tmp_path / "art")
+                       "--artifacts", tmp_path / "art")
     line = assert_clean(code, err, "image", "ISIC_0000005", str(root / "train-image.hdf5"))
     if kind == "oversized":
         assert "40000x40000" in line and "limit" in line
@@ -324,13 +324,13 @@ def test_debug_shows_the_traceback_and_bugs_keep_theirs(capsys, monkeypatch, tmp
 
 
 def test_an_unexpected_exception_keeps_its_traceback(monkeypatch, tmp_path):
-    import lesionstack.tabular.stack as stack
+    import lesionstack.folds as folds
     from lesionstack.cli import main
 
     def bug(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(stack, "train_stack", bug)
+    monkeypatch.setattr(folds, "read_folds", bug)  # the first thing train-stack calls
     with pytest.raises(ZeroDivisionError):
         main(["train-stack", "--artifacts", str(tmp_path / "art")])
 

@@ -260,7 +260,7 @@ def test_two_processes_with_gloo_write_the_same_files(trained: tuple[Path, Path,
     config = save_config(cfg, tmp_path / "tiny.yaml")
     torchrun = Path(sys.executable).with_name("torchrun")
     cmd = [str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "lesionstack.cli", "train-cnn", str(root),
-           "--folds", str(root / "folds.csv"), "--config", str(config), "--out", str(tmp_path / "art")]
+           "--folds", str(root / "folds.csv"), "--config", str(config), "--artifacts", str(tmp_path / "art")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -31,6 +31,18 @@ def check_data(data: DataPaths, *, train: bool = True, test: bool = True) -> Non
         check_split(data.test_metadata, data.test_images, "test")
 
 
+def check_crops(data: DataPaths) -> None:
+    """What the CNN reads: the training and test HDF5 (it scores the test crops when its last fold ends), and
+    the metadata beside them when the folder has it."""
+    exists(data.root, "data folder", folder=True)
+    for metadata, images, kind in ((data.train_metadata, data.train_images, "train"),
+                                   (data.test_metadata, data.test_images, "test")):
+        if metadata.is_file():
+            check_split(metadata, images, kind)
+        else:
+            exists(images, f"{kind} images (HDF5)")
+
+
 def check_split(metadata: Path, images: Path, kind: str) -> pd.DataFrame:
     """One split's metadata CSV and HDF5: both there, schema checked, every metadata id with a crop."""
     from lesionstack.data.hdf5 import H5Images
@@ -45,21 +57,29 @@ def check_split(metadata: Path, images: Path, kind: str) -> pd.DataFrame:
 
 
 def check_fold_file(folds: Path, data: DataPaths) -> None:
-    """The fold file exists, is well formed, and was made from this data folder's training metadata."""
+    """The fold file exists, is well formed, and was made from this data: its ids are the training metadata's
+    (or, in a folder of crops without metadata, all in the training HDF5)."""
     import pandas as pd
 
+    from lesionstack.data.hdf5 import H5Images
     from lesionstack.data.schema import ID_COLUMN
     from lesionstack.folds import FoldError, read_folds
 
     table = read_folds(folds)
-    train = pd.read_csv(data.train_metadata, usecols=[ID_COLUMN], dtype=str)[ID_COLUMN]
-    unknown = sorted(set(table[ID_COLUMN]) - set(train))
+    if data.train_metadata.is_file():
+        source = data.train_metadata
+        train = set(pd.read_csv(source, usecols=[ID_COLUMN], dtype=str)[ID_COLUMN])
+        absent = len(train - set(table[ID_COLUMN]))
+        if absent:
+            raise FoldError(f"{folds}: {absent} of the {len(train)} ids of {source} have no fold: the fold file "
+                            "was made from other data")
+    else:
+        source = data.train_images
+        with H5Images(source) as h5:
+            train = set(h5.ids)
+    unknown = sorted(set(table[ID_COLUMN]) - train)
     if unknown:
-        raise FoldError(f"{folds}: {len(unknown)} of its {len(table)} ids are not in {data.train_metadata} "
-                        f"(e.g. {unknown[0]}): the fold file was made from other data")
-    absent = len(set(train) - set(table[ID_COLUMN]))
-    if absent:
-        raise FoldError(f"{folds}: {absent} of the {len(train)} ids of {data.train_metadata} have no fold: "
+        raise FoldError(f"{folds}: {len(unknown)} of its {len(table)} ids are not in {source} (e.g. {unknown[0]}): "
                         "the fold file was made from other data")
 
 

@@ -62,7 +62,7 @@ def train_cnn_cmd(
         help="Segmenter weights (train-seg's model.pt); overrides the config.", show_default=False)] = None,
 ) -> None:
     """Train the gated CNN per fold (resumable; DDP under torchrun); write OOF and test scores."""
-    from lesionstack.preflight import check_data, check_fold_file, check_weights, check_writable
+    from lesionstack.preflight import check_crops, check_fold_file, check_weights, check_writable
     from lesionstack.train.cnn import cnn_stage
     from lesionstack.train.cnn_config import load_cnn_config
 
@@ -70,7 +70,7 @@ def train_cnn_cmd(
     folds = folds or art.folds
     only = fold_list(folds_only)
     cfg = load_cnn_config(config, segmenter=segmenter)
-    check_data(paths)  # the test files too: the CNN scores them when the last fold finishes
+    check_crops(paths)  # the test crops too: the CNN scores them when the last fold finishes
     check_weights(cfg, f"{config or 'CNN config'}")
     check_fold_file(folds, paths)
     check_writable(artifacts)

@@ -63,7 +63,7 @@ def cnn_fold_done(files: FoldFiles) -> bool:
 
 def cnn_folds(artifacts: ArtifactPaths) -> list[int]:
     """The CNN folds of an artifacts root, every one finished: the fold file's folds, else cv.json's
-    `n_folds`, else the fold folders under `cnn/` (a bare `train-cnn --out`)."""
+    `n_folds`, else the fold folders under `cnn/` (a bare `train-cnn --artifacts`)."""
     if artifacts.folds.is_file():
         expected = sorted(int(k) for k in read_folds(artifacts.folds)["fold"].unique())
     elif artifacts.cv_json.is_file():
