@@ -6,6 +6,8 @@ From the 44 test columns (and, when given, the CNN's scores) to a feature table:
 * every numeric feature normalised within the patient and within patient x body site,
   `(x - mean) / (std + 1e-5)`: the "ugly duckling" signal, how a lesion differs from its neighbours;
 * lesion counts and area sums per patient and per patient x site;
+* `patient_lof`: the local outlier factor of each lesion among its patient's lesions, on the within-patient
+  z-scores (`tabular.outliers`; the stacker uses it with `use_lof`);
 * categorical columns as integer codes over fixed vocabularies (`CATEGORY_VOCAB`): never fitted on the
   data, so an unseen category at test time maps to "other" and train and test get the same columns;
 * with CNN scores: the score, score / patient mean, z-score and rank within the patient (`cnn_*`).
@@ -37,6 +39,7 @@ from lesionstack.data import schema
 from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.resume import changed_inputs, describe, files_digest, frame_digest
+from lesionstack.tabular.outliers import lof_feature
 
 log = logging.getLogger(__name__)
 
@@ -273,6 +276,7 @@ def build_features(
     _check_columns(df, where)
     df = _numeric(df, where).with_columns(_c(schema.PATIENT_COLUMN).cast(pl.String))
     out = _tabular_frame(df)
+    out = out.with_columns(lof_feature(out, df.get_column(schema.PATIENT_COLUMN), PATIENT_NORM_SUFFIX))
     if cnn_scores is not None:
         out = pl.concat([out, _cnn_frame(df, _polars(cnn_scores), where)], how="horizontal")
     return _finish(out).to_pandas()
@@ -438,13 +442,13 @@ def features_stage(data: DataPaths, art: ArtifactPaths, use_cnn: bool = True) ->
     tables are reused, otherwise rebuilt and the log names what changed.
     """
     from lesionstack.data.metadata import read_metadata
-    from lesionstack.tabular import pairing
+    from lesionstack.tabular import outliers, pairing
 
     jobs = [("train", data.train_metadata, art.oof_cnn, art.features_train)]
     if data.test_metadata.is_file():
         jobs.append(("test", data.test_metadata, art.test_cnn, art.features_test))
     with_cnn = use_cnn and art.oof_cnn.is_file()
-    code = files_digest([Path(__file__), Path(schema.__file__), Path(pairing.__file__)])
+    code = files_digest([Path(__file__), Path(schema.__file__), Path(pairing.__file__), Path(outliers.__file__)])
     inputs: dict[str, object] = {"with_cnn": with_cnn, "code": code}
     sources = []
     for kind, meta_path, cnn_path, target in jobs:

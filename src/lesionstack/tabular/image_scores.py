@@ -74,3 +74,16 @@ def add_noise(X: pd.DataFrame, columns: list[str], sigma: float, seed: int | lis
         values = out[col].to_numpy(dtype=np.float64)
         out[col] = (values + rng.normal(0.0, sigma * float(values.std()), len(values))).astype(out[col].dtype)
     return out
+
+
+def standardise_training(features: pd.DataFrame, oof_cnn: pd.DataFrame) -> tuple[pd.DataFrame, dict[str, list[float]]]:
+    """(training features with `cnn_score` standardised per CNN fold model, the scales to save): `features`
+    and `oof_cnn` (isic_id, fold, score) in the same row order (the fold file's)."""
+    scales = standard_scales(oof_cnn["score"].to_numpy(), oof_cnn["fold"].to_numpy())
+    return standardise_oof(features, oof_cnn["fold"].to_numpy(), scales), scales
+
+
+def standardise_test(features: pd.DataFrame, scales: dict[str, list[float]], fold: int | None) -> pd.DataFrame:
+    """Test features whose `cnn_score` is CNN fold `fold`'s (paired), or the mean over folds (`fold` None:
+    the pooled scale), standardised as that model's training rows were."""
+    return standardise_rows(features, scales["all" if fold is None else str(fold)])

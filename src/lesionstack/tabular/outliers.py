@@ -10,6 +10,7 @@ patient's rows only, so train and test get it from the same function with no fit
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 from sklearn.neighbors import LocalOutlierFactor
 
 MAX_NEIGHBOURS = 20  # sklearn's default n_neighbors
@@ -35,3 +36,14 @@ def patient_lof(values: np.ndarray, patients: np.ndarray, n_neighbors: int = MAX
         # duplicate points give infinite densities and a NaN or huge ratio: cap them at a plain outlier
         out[rows] = np.clip(np.nan_to_num(-lof.negative_outlier_factor_, nan=1.0), 0.0, 1e3)
     return out
+
+
+LOF_COLUMN = "patient_lof"
+
+
+def lof_feature(features: pl.DataFrame, patients: pl.Series, suffix: str) -> pl.Series:
+    """The `patient_lof` column of a feature table: `patient_lof` on its within-patient z-scores (the
+    columns ending in `suffix`, `_pnorm`), grouped by `patients` (row-aligned)."""
+    cols = [c for c in features.columns if c.endswith(suffix)]
+    values = features.select(cols).to_numpy() if cols else np.zeros((features.height, 1))
+    return pl.Series(LOF_COLUMN, patient_lof(values, patients.to_numpy()), dtype=pl.Float64)

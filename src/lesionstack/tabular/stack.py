@@ -40,6 +40,8 @@ from lesionstack.paths import ArtifactPaths, FoldFiles
 from lesionstack.resume import Resume, frame_digest, guard
 from lesionstack.tabular.features import CAT_PREFIX, CATEGORY_VOCAB, CNN_PREFIX, categorical_columns, has_cnn
 from lesionstack.tabular.gbdt import FAMILIES, GBDTFamily
+from lesionstack.tabular.image_scores import add_noise, standardise_test, standardise_training
+from lesionstack.tabular.outliers import LOF_COLUMN
 from lesionstack.tabular.pairing import PAIRINGS, check_fold_pairing, paired_features
 from lesionstack.tabular.selection import selection_flags
 from lesionstack.tabular.stack_config import RUNTIME_KEYS, TUNE_IGNORE, StackConfig, StackError
@@ -361,7 +363,9 @@ def _fit_fold(features: pd.DataFrame, folds: pd.DataFrame, k: int, cfg: StackCon
         model, cnn = variants[name]
         cols = [c for c in features.columns if c != ID_COLUMN and (cnn or not c.startswith(CNN_PREFIX))]
         seeds = None if cnn or not with_cnn else cfg.tabular_seeds  # the fallback variant beside CNN features
-        est = estimator(cfg, model, seeds).fit(features.loc[train, cols], y[train])
+        noisy = [c for c in cols if c.startswith(CNN_PREFIX)]  # training rows only: fold k is scored clean
+        X = add_noise(features.loc[train, cols], noisy, cfg.cnn_noise, [k, zlib.crc32(name.encode())])
+        est = estimator(cfg, model, seeds).fit(X, y[train])
         return est, est.predict_proba(features.loc[val, cols])[:, 1]
 
     # one booster thread each and `workers` fits at once: on a small shared box, OpenMP threads that
@@ -417,6 +421,11 @@ def train_stack(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str
     oof_cnn = _cnn_oof(feats, folds, artifacts, cnn_oof, with_cnn)
     if not with_cnn:
         feats = feats[[c for c in feats.columns if not c.startswith(CNN_PREFIX)]]
+    if not cfg.use_lof:
+        feats = feats.drop(columns=[LOF_COLUMN], errors="ignore")
+    scales = None
+    if cfg.cnn_standardise and with_cnn:
+        feats, scales = standardise_training(feats, oof_cnn)
     n_folds = int(folds["fold"].max()) + 1
     inputs = _inputs(feats, folds, with_cnn, oof_cnn)
     parts = []
@@ -430,7 +439,7 @@ def train_stack(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str
             continue
         parts.append(_fit_fold(feats, folds, k, cfg, with_cnn, artifacts))
     oof = folds.merge(pd.concat(parts), on=ID_COLUMN, how="left", validate="one_to_one")
-    return _summarise(oof, oof_cnn, folds, cfg, with_cnn, tuned, artifacts, n_folds)
+    return _summarise(oof, oof_cnn, folds, cfg, with_cnn, tuned, artifacts, n_folds, scales)
 
 
 def _inputs(feats: pd.DataFrame, folds: pd.DataFrame, with_cnn: bool,
@@ -467,7 +476,8 @@ def _cnn_oof(feats: pd.DataFrame, folds: pd.DataFrame, artifacts: ArtifactPaths,
 
 
 def _summarise(oof: pd.DataFrame, oof_cnn: pd.DataFrame | None, folds: pd.DataFrame, cfg: StackConfig,
-               with_cnn: bool, tuned: dict | None, artifacts: ArtifactPaths, n_folds: int) -> dict[str, Any]:
+               with_cnn: bool, tuned: dict | None, artifacts: ArtifactPaths, n_folds: int,
+               cnn_scales: dict[str, list[float]] | None = None) -> dict[str, Any]:
     y, fold = oof[TARGET_COLUMN].to_numpy(), oof["fold"].to_numpy()
     main = {m: oof[f"score_{m}"].to_numpy() for m in cfg.models}
     weights = fit_blend_weights(main, y) if cfg.blend == "weights" and len(main) > 1 else None
@@ -494,7 +504,7 @@ def _summarise(oof: pd.DataFrame, oof_cnn: pd.DataFrame | None, folds: pd.DataFr
     oof = oof[cols + [c for c in ("score_tabular", "score_cnn") if c in oof]]
     cv = {"metric": "pauc", "n_folds": n_folds, "n_rows": len(oof), "n_positives": int(y.sum()),
           "models": models, "blend": {"method": cfg.blend, "weights": weights or {m: 1 / len(main) for m in main}},
-          "with_cnn": with_cnn, "tuned_params": tuned,
+          "with_cnn": with_cnn, "tuned_params": tuned, "cnn_scales": cnn_scales,
           "selection": selection_flags(tuned is not None or weights is not None, with_cnn, artifacts, n_folds)}
     with atomic_path(artifacts.oof_stack) as tmp:
         oof.to_parquet(tmp, index=False)
@@ -562,6 +572,8 @@ def fold_probabilities(feats: pd.DataFrame, artifacts: ArtifactPaths, variant: s
         if missing := [m for m in names if m not in fitted]:
             raise StackError(f"{ff.dir}: no {missing} models (train the stacker with train_tabular on)")
         X = paired_features(feats, fold_cnn, k, "test CNN features") if paired else feats  # type: ignore[arg-type]
+        if cv.get("cnn_scales") and has_cnn(X):  # the scale of the CNN model whose score X holds
+            X = standardise_test(X, cv["cnn_scales"], k if paired else None)
         for m in names:
             out[m][k] = fitted[m].predict_proba(X)[:, 1]
     return out

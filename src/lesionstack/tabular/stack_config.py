@@ -47,6 +47,12 @@ class StackConfig:
     blend: str = "rank_mean"  # or "weights": rank-normalised scores, weights tuned on the OOF
     use_tuned: bool = True  # merge artifacts.best_params into the tuned model's params
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # per model: native extra params
+    # image-score handling as the 1st place did (`tabular.image_scores`): cnn_score as z-scores of the logit
+    # per CNN fold model; Gaussian noise of cnn_noise x each CNN column's std on the training rows only;
+    # the within-patient local outlier factor feature (`tabular.outliers`). Measured: docs/experiments
+    cnn_standardise: bool = False
+    cnn_noise: float = 0.0
+    use_lof: bool = False
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.models) - set(MODELS)) + sorted(set(self.params) - set(MODELS))
@@ -58,3 +64,5 @@ class StackConfig:
             raise StackError(f"blend must be 'rank_mean' or 'weights', got {self.blend!r}")
         if not self.seeds or (self.tabular_seeds is not None and not self.tabular_seeds):
             raise StackError("seeds and tabular_seeds must name at least one seed")
+        if not 0.0 <= self.cnn_noise <= 1.0:
+            raise StackError(f"cnn_noise must be in [0, 1] (a share of each CNN column's std), got {self.cnn_noise}")

@@ -88,6 +88,7 @@ from lesionstack.runtime import (
 )
 from lesionstack.train.aux_heads import attach_aux_classes, with_aux_loss
 from lesionstack.train.cnn_config import (
+    INIT_KEYS,
     MONITOR_KEYS,
     PROVENANCE_KEYS,
     RUNTIME_KEYS,
@@ -95,6 +96,7 @@ from lesionstack.train.cnn_config import (
     check_weights_files,
     resolve_untrained_segmenter,
 )
+from lesionstack.train.pretrain import load_init_weights, pretrain_on_archive
 from lesionstack.trained.loaders import cnn_fold_done, cnn_fold_members, load_cnn_fold, load_network
 from lesionstack.trained.scorer import FoldScorer
 
@@ -305,6 +307,8 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
     seed_everything(cfg.seed, fold)
     model = rt.place(build_model(cfg.model))
+    if cfg.init_weights is not None:  # e.g. the archive pretraining's
+        load_init_weights(model, cfg.init_weights)
     loss_fn = with_aux_loss(cfg.aux_diagnosis, train, rt.device, loss_fn)
     loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
                          drop_last=len(sampler) > cfg.batch_size)
@@ -356,7 +360,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
 def guard_ignore(cfg: CNNConfig) -> tuple[str, ...]:
     """The config keys a finished or checkpointed fold may differ in: speed, provenance, and with keep: last
     the monitoring keys (validation there cannot change the weights)."""
-    return RUNTIME_KEYS + PROVENANCE_KEYS + (MONITOR_KEYS if cfg.keep == "last" else ())
+    return RUNTIME_KEYS + PROVENANCE_KEYS + INIT_KEYS + (MONITOR_KEYS if cfg.keep == "last" else ())
 
 
 def training_and_validation_rows(folds: pd.DataFrame, fold: int, cfg: CNNConfig) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -609,7 +613,12 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
         log.info("train-cnn on %s (%s, amp %s, %d process(es)), folds %s", data.root, device, rt.dtype,
                  ctx.world_size, todo)
     train_images = images_digest(images.path)
+    if cfg.archive is not None and cfg.init_weights is None:
+        cfg = dataclasses.replace(cfg, init_weights=str(pretrain_on_archive(cfg, art, rt)))
+        barrier(ctx)
     inputs = fold_inputs(folds, train_images, cfg.model)
+    if cfg.init_weights is not None:
+        inputs["init_weights"] = file_digest(cfg.init_weights)
     if cfg.aux_diagnosis is not None:  # each row's diagnosis class travels with it to its fold's loss
         folds, aux_record = attach_aux_classes(folds, data.train_metadata, cfg.aux_diagnosis)
         inputs.update(aux_record)

@@ -28,9 +28,35 @@ MONITOR_KEYS = ("val_every", "val_max_negatives")
 # where the initial weights were read from: provenance only (the fold's model.safetensors holds every weight), and
 # absolute, so comparing them would refuse to resume a copied or moved artifacts folder
 PROVENANCE_KEYS = ("model.segmenter_weights", "model.classifier_weights")
+INIT_KEYS = ("init_weights",)  # likewise: its bytes are a fold input (`train.cnn._train_cnn`)
 
 UNTRAINED_SEGMENTER = ("allow", "refuse", "gate_none")
 KEEP = ("last", "best_inner")
+
+ARCHIVE_MODES = ("pretrain",)
+
+
+@dataclass
+class ArchiveConfig:
+    """The CNN config's `archive` section: ISIC Archive images the CNN learns from before the folds."""
+
+    dir: str = ""  # the OUTDIR of `isic image download` (<isic_id>.JPG + metadata.csv); `demo-data --archive N`
+    # pretrain: train the fold network on the archive once, then every fold fine-tunes from those weights
+    mode: str = "pretrain"
+    epochs: int = 4  # passes over the archive
+    lr: float | None = None  # null: the CNN's lr
+    indeterminate_target: float = 0.5  # the soft target of "Indeterminate" records (benign 0, malignant 1)
+
+    def __post_init__(self) -> None:
+        if not self.dir:
+            raise ConfigError("cnn archive.dir: name the folder `isic image download` wrote (or set archive: null)")
+        if self.mode not in ARCHIVE_MODES:
+            raise ConfigError(f"cnn archive.mode must be one of {ARCHIVE_MODES}, got {self.mode!r}")
+        if self.epochs < 1:
+            raise ConfigError(f"cnn archive.epochs must be >= 1, got {self.epochs}")
+        if not 0.0 <= self.indeterminate_target <= 1.0:
+            raise ConfigError(f"cnn archive.indeterminate_target must be in [0, 1], got {self.indeterminate_target}")
+
 
 @dataclass
 class CNNConfig:
@@ -70,6 +96,12 @@ class CNNConfig:
     # score and save an exponential moving average of the weights (decay per optimiser step: horizon about
     # 1 / (1 - decay) steps) instead of the final step's noisy weights; null: off. See `WeightEMA`.
     ema_decay: float | None = None
+    # ISIC Archive images (`isic image download` layout) to pretrain the fold network on before the folds
+    # fine-tune from it (`train.pretrain`); null: off
+    archive: ArchiveConfig | None = None
+    # a full model's weights (safetensors, this `model` section) every fold starts from; set by the archive
+    # pretraining; its bytes are a fold input, its path provenance only
+    init_weights: str | None = None
     # train this many models per fold, with seeds seed, seed + 1, ...; the fold scores with the mean of
     # their logits (`models.SeedEnsemble`). One small model's OOF moves with its seed about as much as most
     # recipe changes do; two seeds lower that variance for twice the training (README "Seed ensembles").
