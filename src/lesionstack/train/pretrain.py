@@ -31,7 +31,7 @@ from lesionstack.data.dataset import CropDataset
 from lesionstack.files import read_json, write_json, write_text
 from lesionstack.models import build_model, param_groups
 from lesionstack.paths import ArtifactPaths, FoldFiles
-from lesionstack.resume import Resume, files_digest, frame_digest, guard
+from lesionstack.resume import Resume, file_digest, files_digest, frame_digest, guard
 from lesionstack.runtime import Runtime, adamw, make_loader, save_weights, seed_everything
 
 if TYPE_CHECKING:
@@ -70,7 +70,7 @@ def pretrain_files(art: ArtifactPaths) -> FoldFiles:
 
 def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path:
     """Train `cfg.model` on `cfg.archive` (or reuse a finished pretraining); return its weights file."""
-    from lesionstack.train.cnn import RUNTIME_KEYS, train_epoch, warmup_cosine
+    from lesionstack.train.cnn import PROVENANCE_KEYS, RUNTIME_KEYS, train_epoch, warmup_cosine
 
     assert cfg.archive is not None
     archive = read_archive(cfg.archive.dir)
@@ -78,9 +78,12 @@ def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path
     files.dir.mkdir(parents=True, exist_ok=True)
     inputs = {"archive_labels": frame_digest(archive.table),
               "archive_images": files_digest([archive.images.files[i] for i in archive.table["isic_id"]])}
+    for key in PROVENANCE_KEYS:  # a segmenter (or timm weights) the network starts from: its bytes
+        if (path := getattr(cfg.model, key.split(".")[1])) is not None:
+            inputs[key] = file_digest(path)
     record = _pretrain_record(cfg)
-    # the folder is provenance (its labels and image bytes are inputs): a moved archive is the same archive
-    ignore = (*RUNTIME_KEYS, "archive.dir")
+    # paths are provenance (the archive's labels and image bytes, the weights' bytes are inputs)
+    ignore = (*RUNTIME_KEYS, *PROVENANCE_KEYS, "archive.dir")
     if guard(files, record, inputs, ignore=ignore, partial=(), write=rt.ctx.is_main) is Resume.SKIP:
         log.info("archive pretraining: done before, reused (%s)", files.done)
         return files.safetensors
