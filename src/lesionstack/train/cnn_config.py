@@ -48,8 +48,6 @@ class ArchiveConfig:
     indeterminate_target: float = 0.5  # the soft target of "Indeterminate" records (benign 0, malignant 1)
 
     def __post_init__(self) -> None:
-        if not self.dir:
-            raise ConfigError("cnn archive.dir: name the folder `isic image download` wrote (or set archive: null)")
         if self.mode not in ARCHIVE_MODES:
             raise ConfigError(f"cnn archive.mode must be one of {ARCHIVE_MODES}, got {self.mode!r}")
         if self.epochs < 1:

@@ -70,9 +70,12 @@ def pretrain_files(art: ArtifactPaths) -> FoldFiles:
 
 def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path:
     """Train `cfg.model` on `cfg.archive` (or reuse a finished pretraining); return its weights file."""
-    from lesionstack.train.cnn import PROVENANCE_KEYS, RUNTIME_KEYS, train_epoch, warmup_cosine
+    from lesionstack.train.cnn import train_epoch, warmup_cosine
+    from lesionstack.train.cnn_config import PROVENANCE_KEYS, RUNTIME_KEYS
 
     assert cfg.archive is not None
+    if not cfg.archive.dir:
+        raise ConfigError("cnn archive.dir: name the folder `isic image download` wrote (or set archive: null)")
     archive = read_archive(cfg.archive.dir)
     files = pretrain_files(art)
     files.dir.mkdir(parents=True, exist_ok=True)
