@@ -28,6 +28,7 @@ from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import Resume, guard
 from lesionstack.tabular.features import CNN_PREFIX
 from lesionstack.tabular.gbdt import family
+from lesionstack.tabular.outliers import LOF_COLUMN
 from lesionstack.tabular.stack import align_features, estimator, tuning_inputs, with_params
 from lesionstack.tabular.stack_config import TUNE_IGNORE, StackConfig, StackError
 
@@ -86,7 +87,8 @@ def default_params(cfg: StackConfig, model: str) -> dict[str, Any]:
 def cv_pauc(features: pd.DataFrame, folds: pd.DataFrame, cfg: StackConfig, model: str,
             trial: optuna.Trial | None = None) -> float:
     """Mean fold pAUC of one family; with a trial, report after each fold and prune when behind."""
-    cols = [c for c in features.columns if c != ID_COLUMN and (cfg.use_cnn or not c.startswith(CNN_PREFIX))]
+    cols = [c for c in features.columns if c != ID_COLUMN and (cfg.use_cnn or not c.startswith(CNN_PREFIX))
+            and (cfg.use_lof or c != LOF_COLUMN)]  # as train_stack picks them
     y, fold = folds[TARGET_COLUMN].to_numpy(), folds["fold"].to_numpy()
     scores: list[float] = []
     for k in range(int(fold.max()) + 1):
