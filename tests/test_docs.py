@@ -37,19 +37,28 @@ FILE_SUFFIXES = {"py", "yaml", "yml", "json", "html", "csv", "parquet", "png", "
 
 @cache
 def cli_options() -> dict[str, frozenset[str]]:
-    """Command name -> its option spellings (long and short, secondary `--no-x` included, and the old
-    spellings the CLI still accepts with a deprecation notice)."""
+    """Command name -> its option spellings today (long and short, secondary `--no-x` included)."""
     import typer.main
 
     from lesionstack.cli import app
-    from lesionstack.cli.common import DATA_OPTIONS, RENAMED
 
     group = typer.main.get_command(app)
     common = {o for p in group.params for o in (*p.opts, *p.secondary_opts) if o.startswith("-")}
-    old = {name: {*RENAMED.get(name, {}), *filter(None, [DATA_OPTIONS.get(name)])} for name in group.commands}
-    return {name: frozenset(common | GLOBAL_OPTIONS | old[name] | {o for p in cmd.params
+    return {name: frozenset(common | GLOBAL_OPTIONS | {o for p in cmd.params
                                                         for o in (*p.opts, *p.secondary_opts) if o.startswith("-")})
             for name, cmd in group.commands.items()}  # type: ignore[attr-defined]
+
+
+@cache
+def old_spellings() -> dict[str, dict[str, str]]:
+    """Command -> {old option: what to write now}: the CLI still takes them with a deprecation notice, the
+    docs show only today's spelling."""
+    from lesionstack.cli.common import DATA_OPTIONS, RENAMED
+
+    out: dict[str, dict[str, str]] = {name: dict(renames) for name, renames in RENAMED.items()}
+    for name, flag in DATA_OPTIONS.items():
+        out.setdefault(name, {})[flag] = "the positional DATA argument"
+    return out
 
 
 def _find_class(name: str, *modules: str) -> type:
@@ -201,6 +210,13 @@ def _inline_spans(prose: str) -> list[re.Match[str]]:
     return spans
 
 
+def _option_problem(where: str, line: int, command: str, option: str) -> str:
+    now = old_spellings().get(command, {}).get(option)
+    if now is not None:
+        return f"{where}:{line}: `lesionstack {command} {option}` is the old spelling: write {now}"
+    return f"{where}:{line}: `lesionstack {command}` has no option {option}"
+
+
 def yaml_keys(body: str) -> list[str]:
     data = yaml.safe_load(body) or {}
 
@@ -228,7 +244,7 @@ def problems(text: str, where: str) -> list[str]:
             if name.group(1) not in cmds:
                 out.append(f"{where}:{m.line}: no command `lesionstack {name.group(1)}`")
                 continue
-            out += [f"{where}:{m.line}: `lesionstack {name.group(1)}` has no option {o}"
+            out += [_option_problem(where, m.line, name.group(1), o)
                     for o in OPTION.findall(words[name.end():]) if o not in cmds[name.group(1)]]
         elif m.kind == "options":
             out += [f"{where}:{m.line}: no command has the option {o}"
@@ -393,6 +409,11 @@ cnn:
                      "bad.md:8: no config key `keep_it` (in `keep_it: ...`)"]
     good = "`lesionstack folds DATA --n-folds 5 --force`, `--fp16`, `cnn.model.gate`, `keep: last`, `stack.py`"
     assert problems(good, "good.md") == []
+
+
+def test_an_old_option_spelling_is_named_with_todays():
+    assert problems("`lesionstack run demo/data --out demo/artifacts`", "old.md") == [
+        "old.md:1: `lesionstack run --out` is the old spelling: write --artifacts"]
 
 
 def test_the_completeness_check_finds_an_undocumented_command_and_option():
