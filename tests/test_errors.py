@@ -98,13 +98,14 @@ def test_no_message_holds_an_object_repr(name: str) -> None:
 
 @pytest.mark.parametrize("data", [b"GIF89a not really", b"\x89PNG\r\n\x1a\n" + b"\0" * 40, b"BM garbage bytes"])
 def test_undecodable_bytes_are_described_without_a_repr(data: bytes) -> None:
-    """Pillow names its in-memory file `<_io.BytesIO object at 0x...>`; the user reads 'the image data'."""
+    """Pillow names its in-memory file `<_io.BytesIO object at 0x...>`; the user reads what failed, no repr."""
     from lesionstack.data.decode import CorruptImageError, decode_image
     from lesionstack.inference.upload import UploadError, decode_upload
 
     with pytest.raises(CorruptImageError) as caught:
         decode_image(data, where="lesion.png")
     assert not REPR.search(str(caught.value)) and "lesion.png" in str(caught.value)
+    assert " )" not in str(caught.value)  # the repr went, with the space before it
     with pytest.raises(UploadError) as refused:
         decode_upload(data)
     assert not REPR.search(str(refused.value))

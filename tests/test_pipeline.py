@@ -331,3 +331,21 @@ def test_segmenter_hand_off_is_a_pure_function(tmp_path):
     assert new.model.segmenter_decoder_channels == (32, 16, 16, 8, 8)
     assert cfg.cnn.model.segmenter_weights is None and cfg.cnn.model.segmenter_decoder_channels is None
     assert cnn_config_with(cfg.cnn, Skipped("no masks")) is cfg.cnn
+
+
+def test_a_failing_run_leaves_a_finished_folder_as_it_was(trained, tiny_data, tiny_config, tmp_path, capsys):
+    """A corrupt training crop in the data, the run pointed at a finished folder: it stops (the CNN folds were
+    made from other crops) and every file there, source.json and config.yaml included, is as it was."""
+    from lesionstack.cli import main
+
+    out = tmp_path / "artifacts"
+    shutil.copytree(trained[0], out)
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    corrupt_crop(data / "train-image.hdf5", pd.read_csv(data / "train-metadata.csv")["isic_id"].iloc[5])
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    with pytest.raises(SystemExit) as stopped:
+        main(["run", str(data), "-a", str(out), "--config", str(tiny_config)])
+    assert stopped.value.code == 3 and "train_images changed" in capsys.readouterr().err
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file() and p.name != ".lesionstack.lock"}
+    assert after == {p: b for p, b in before.items() if p.name != ".lesionstack.lock"}

@@ -83,13 +83,14 @@ def classify(err: BaseException) -> ErrorKind | None:
 
 
 _ERRNO = re.compile(r"^\[Errno \d+\] ")
-_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def plain(err: BaseException) -> str:
     """A library's message without the Python object reprs some put in it (Pillow names the in-memory file it
-    read as `<_io.BytesIO object at 0x...>`): a user reads "the image data" instead."""
-    return _OBJECT_REPR.sub("the image data", str(err))
+    read as `<_io.BytesIO object at 0x...>`): "cannot identify image file <...>" reads "cannot identify image
+    file"."""
+    return _OBJECT_REPR.sub("", str(err))
 
 
 def one_line(err: BaseException, kind: ErrorKind) -> str:
