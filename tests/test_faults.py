@@ -340,6 +340,7 @@ def test_a_one_class_validation_fold_in_the_cnn_names_fold_and_fold_file(monkeyp
     import lesionstack.train.cnn as cnn
     from _cnn_data import make_cnn_data
     from lesionstack.metrics import MetricError
+    from lesionstack.train.cnn_config import load_cnn_config
 
     root = make_cnn_data(tmp_path / "d", n=16)
 
@@ -348,7 +349,7 @@ def test_a_one_class_validation_fold_in_the_cnn_names_fold_and_fold_file(monkeyp
 
     monkeypatch.setattr(cnn, "train_fold", one_class)
     with pytest.raises(MetricError, match=f"fold 0 of {re.escape(str(root / 'folds.csv'))}: .*both classes"):
-        cnn.train_cnn(root, root / "folds.csv", cnn.load_cnn_config(None, device="cpu"), tmp_path / "art")
+        cnn.train_cnn(root, root / "folds.csv", load_cnn_config(None, device="cpu"), tmp_path / "art")
 
 
 # ---- the exit-code table -------------------------------------------------------------------------------

@@ -243,7 +243,7 @@ def test_corrupt_crop_is_skipped_and_logged_when_configured(tmp_path: Path,
     cfg = tiny_config(gate="none", epochs=1, skip_corrupt=True)
     with caplog.at_level(logging.WARNING):
         train_cnn(root, root / "folds.csv", cfg, tmp_path / "art")
-    assert "ISIC_0000005" in caplog.text
+    assert "ISIC_0000005" in caplog.text and "(1 skipped so far)" in caplog.text
     oof = pd.read_parquet(ArtifactPaths(tmp_path / "art").oof_cnn).set_index("isic_id")
     assert len(oof) == 24 and np.isnan(oof.loc["ISIC_0000005", "score"])  # listed, but unscored
     assert oof["score"].drop("ISIC_0000005").between(0, 1).all()

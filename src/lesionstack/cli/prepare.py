@@ -76,15 +76,16 @@ def folds_cmd(
         show_default="patient_id")] = None,
 ) -> None:
     """Patient-grouped, stratified K folds of the training metadata (written once, read everywhere)."""
-    from lesionstack.config import load_config
-    from lesionstack.folds import FoldsConfig, FoldsResult, fold_group, make_folds_file
     from lesionstack.paths import DataPaths
     from lesionstack.preflight import check_data, check_writable
 
     path = out or ArtifactPaths(artifacts).folds
-    cfg = load_config(FoldsConfig, None, n_folds=n_folds, seed=seed, method=method, group=group)
-    check_data(DataPaths(data), test=False)
+    check_data(DataPaths(data), test=False)  # before the fold code (scikit-learn) is even imported
     check_writable(path.parent)
+    from lesionstack.config import load_config
+    from lesionstack.folds import FoldsConfig, FoldsResult, fold_group, make_folds_file
+
+    cfg = load_config(FoldsConfig, None, n_folds=n_folds, seed=seed, method=method, group=group)
     with artifacts_lock("folds", path.parent):
         table = make_folds_file(data, path, n_folds=cfg.n_folds, seed=cfg.seed, method=cfg.method,  # type: ignore[arg-type]
                                 force=force, group=cfg.group)

@@ -53,6 +53,7 @@ class CropDataset(Dataset[Item]):
         # diagnosis layouts' image folders) is used as it is
         self.images = H5Images(images) if isinstance(images, (str, os.PathLike)) else images
         self.ids = list(ids)
+        self.skipped: set[str] = set()  # ids of corrupt crops skipped (`check_corrupt` with skip set)
         self.labels = np.zeros(len(self.ids), np.float32) if labels is None else np.asarray(labels, np.float32)
         if len(self.labels) != len(self.ids):
             raise ValueError(f"{len(self.ids)} ids but {len(self.labels)} labels")
@@ -179,7 +180,10 @@ def check_corrupt(batch: Batch, dataset: CropDataset, skip: bool) -> None:
         if not skip:
             hint = "; set `skip_corrupt: true` in the config to skip such images"
             raise CorruptImageError(isic_id, reason + hint, dataset.images.path)
-        log.warning("skipping corrupt image '%s' in %s: %s", isic_id, dataset.images.path, reason)
+        skipped = vars(dataset).setdefault("skipped", set())  # the count the warning carries: distinct crops lost
+        skipped.add(isic_id)
+        log.warning("skipping corrupt image '%s' in %s (%d skipped so far): %s", isic_id, dataset.images.path,
+                    len(skipped), reason)
 
 
 def shard(indices: Sequence[int], rank: int, world_size: int, pad: bool = True) -> list[int]:
