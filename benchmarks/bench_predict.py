@@ -1,6 +1,6 @@
 """Throughput of prediction with trained CNN fold models (the `Predictor`), in one run.
 
-    .venv/bin/python benchmarks/bench_predict.py ARTIFACTS IMAGES [--crops 512] [--device auto]
+    .venv/bin/python benchmarks/bench_predict.py ARTIFACTS IMAGES [--crops 512] [--device auto] [--folds 0]
 
 ARTIFACTS is a trained artifacts root (every CNN fold finished); IMAGES an HDF5 of crops in the
 competition's layout, or a data folder holding test-image.hdf5 (else train-image.hdf5). Prints, for the
@@ -34,6 +34,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--crops", type=int, default=512, help="how many crops to score per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--device", default="auto")
+    p.add_argument("--folds", default=None, help="only these fold models, e.g. '0' or '0,1' (default: every one)")
     p.add_argument("--num-workers", type=int, default=None, help="default: the fold config's")
     p.add_argument("--json", type=Path, default=None, help="also write the figures here")
     return p.parse_args()
@@ -70,7 +71,9 @@ def main() -> None:
     from lesionstack.runtime import model_logits, predict_logits
 
     args = parse_args()
-    p = Predictor.load(args.artifacts, device=args.device, progress=False, num_workers=args.num_workers)
+    folds = [int(k) for k in args.folds.split(",")] if args.folds else None
+    p = Predictor.load(args.artifacts, device=args.device, progress=False, num_workers=args.num_workers,
+                       folds=folds)
     path = hdf5_of(args.images)
     ids = H5Images(path).ids[: args.crops]
     n, rt = len(ids), p.rt

@@ -20,13 +20,27 @@ MODEL = INPUT_ROOT / os.environ.get("LESIONSTACK_MODEL", "lesionstack-model")
 OUTPUT = Path(os.environ.get("LESIONSTACK_OUTPUT", "/kaggle/working"))
 
 
+def fits_here(wheel: Path) -> bool:
+    """Whether a wheel's tags install on this interpreter (the bundle holds one simplejpeg wheel per Python
+    it was packaged for; only the one for this Python is tried). Without `packaging`, pip decides."""
+    try:
+        from packaging.tags import sys_tags
+        from packaging.utils import parse_wheel_filename
+    except ImportError:
+        return True
+    here = {str(t) for t in sys_tags()}
+    return any(str(t) in here for t in parse_wheel_filename(wheel.name)[3])
+
+
 def install_offline() -> list[str]:
-    """Install each packaged wheel on its own, offline, beside (not over) Kaggle's libraries.
+    """Install each packaged wheel that fits this Python on its own, offline, beside (not over) Kaggle's
+    libraries.
 
     --no-deps: torch, timm, numpy, pandas, polars, scikit-learn and the GBDT libraries are the image's own;
-    the bundle holds only what the image lacks. One wheel per pip call, so a refused wheel costs only
-    itself: without simplejpeg, JPEGs decode with Pillow (slower, same pixels up to rounding). Returns the
-    names of the wheels that failed; only lesionstack itself is indispensable.
+    the bundle holds only what the image lacks. Wheels for another Python are skipped; the others go one per
+    pip call, so a refused wheel costs only itself: without simplejpeg, JPEGs decode with Pillow (slower,
+    the same pixels where Pillow decodes at the same DCT scale). Returns the names of the wheels that failed
+    or were skipped; only lesionstack itself is indispensable.
     """
     site = OUTPUT / "lesionstack-site"
     wheels = sorted((MODEL / "wheels").glob("*.whl"))
@@ -35,6 +49,11 @@ def install_offline() -> list[str]:
                                 "attached?)")
     failed = []
     for wheel in wheels:
+        if not fits_here(wheel):
+            failed.append(wheel.name)
+            print(f"skipped {wheel.name}: built for another Python or platform than Python "
+                  f"{sys.version_info.major}.{sys.version_info.minor} here")
+            continue
         result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
                                  "--upgrade", "--target", str(site), str(wheel)], capture_output=True, text=True)
         if result.returncode == 0:
@@ -53,9 +72,11 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     install_offline()
     import lesionstack
+    from lesionstack.data.decode import jpeg_decoder
     from lesionstack.inference.submit import predict
 
     print(f"lesionstack {lesionstack.__version__} from {lesionstack.__file__}")
+    print(f"JPEG decoder: {jpeg_decoder()}")
     start = time.perf_counter()
     scores = predict(COMPETITION, MODEL / "artifacts", OUTPUT / "submission.csv")
     seconds = time.perf_counter() - start

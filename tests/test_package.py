@@ -17,6 +17,7 @@ from lesionstack.inference.package import (
     check_versions,
     check_wheels,
     compat_requirements,
+    image_targets,
     library_versions,
     read_image,
     shipped_requirements,
@@ -58,6 +59,7 @@ def test_a_newer_manylinux_target_accepts_older_glibc_wheels(tmp_path):
 def test_the_image_record_names_its_target_source_and_date():
     image = read_image()
     assert Target.from_image(image) == KAGGLE
+    assert [t.python for t in image_targets(image)] == ["3.12", "3.13"]  # today's image and Colab's next
     assert image["read_on"] and any("pip-freeze" in s for s in image["sources"])
     assert shipped_requirements(image) == [f"simplejpeg=={metadata.version('simplejpeg')}"]
     reqs = compat_requirements(image)
@@ -97,16 +99,38 @@ def test_kernel_installs_each_wheel_alone_and_goes_on_without_a_broken_one(tmp_p
     wheels = tmp_path / "input" / "lesionstack-model" / "wheels"
     wheels.mkdir(parents=True)
     _wheel(wheels, "lesionstack-0.1.0-py3-none-any.whl", "lesionstack")
-    (wheels / "simplejpeg-1.9.0-cp312-cp312-manylinux_2_17_x86_64.whl").write_bytes(b"not a zip")
+    (wheels / "simplejpeg-1.9.0-py3-none-any.whl").write_bytes(b"not a zip")  # fits here, then fails
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setattr(sys, "path", list(sys.path))  # the kernel prepends its install folder
     kernel = _kernel(monkeypatch, tmp_path)
     failed = kernel.install_offline()
     out = capsys.readouterr().out
-    assert failed == ["simplejpeg-1.9.0-cp312-cp312-manylinux_2_17_x86_64.whl"]
+    assert failed == ["simplejpeg-1.9.0-py3-none-any.whl"]
     assert "installed lesionstack-0.1.0-py3-none-any.whl" in out
     assert "warning: simplejpeg-1.9.0" in out and "going on without it" in out
     assert (tmp_path / "working" / "lesionstack-site" / "lesionstack" / "__init__.py").is_file()
+
+
+def test_kernel_tries_only_the_wheel_for_its_own_python(tmp_path, monkeypatch, capsys):
+    wheels = tmp_path / "input" / "lesionstack-model" / "wheels"
+    wheels.mkdir(parents=True)
+    _wheel(wheels, "lesionstack-0.1.0-py3-none-any.whl", "lesionstack")
+    here = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    other = [f"simplejpeg-1.9.0-{t}-{t}-manylinux_2_17_x86_64.manylinux2014_x86_64.whl"
+             for t in ("cp39", "cp312", "cp313") if t != here]
+    for name in other:  # a real pip call on one of these would fail: they are not even zips
+        (wheels / name).write_bytes(b"not a zip")
+    _wheel(wheels, f"simplejpeg-1.9.0-{here}-{here}-manylinux_2_17_x86_64.manylinux2014_x86_64.whl", "simplejpeg")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    kernel = _kernel(monkeypatch, tmp_path)
+    if not kernel.fits_here(wheels / f"simplejpeg-1.9.0-{here}-{here}-manylinux_2_17_x86_64.whl"):
+        pytest.skip("this machine is not manylinux x86_64")
+    failed = kernel.install_offline()
+    out = capsys.readouterr().out
+    assert sorted(failed) == sorted(other)
+    assert all(f"skipped {name}: built for another Python" in out for name in other)
+    assert f"installed simplejpeg-1.9.0-{here}-{here}" in out and "warning" not in out
 
 
 def test_kernel_stops_when_lesionstack_itself_is_missing(tmp_path, monkeypatch):

@@ -96,24 +96,26 @@ def package_cmd(
         "kaggle-dataset"),
     dataset_id: Annotated[str, typer.Option(help="Kaggle dataset id, USER/SLUG.")] = (
         "your-kaggle-username/lesionstack-model"),
-    python: Annotated[Str, typer.Option(help="Target Python, e.g. 3.12.",
-                                        show_default="Kaggle's, from kaggle/image.yaml")] = None,
+    python: Annotated[Str, typer.Option(help="Target Pythons, comma-separated, e.g. 3.12,3.13.",
+                                        show_default="kaggle/image.yaml's pythons")] = None,
     platform: Annotated[Str, typer.Option(help="Target platform tag, e.g. manylinux2014_x86_64.",
                                           show_default="Kaggle's, from kaggle/image.yaml")] = None,
     fp16: Annotated[bool, typer.Option("--fp16", help="Ship the fold CNN weights as float16 (half the size).")] = False,
 ) -> None:
-    """Build the Kaggle dataset: wheels of what Kaggle's image lacks (for its Python and platform, tags
-    checked), the trained models, the kernel, dataset-metadata.json; prints the bundle's size."""
+    """Build the Kaggle dataset: wheels of what Kaggle's image lacks (for each of its Pythons and its
+    platform, tags checked), the trained models, the kernel, dataset-metadata.json; prints the bundle's size."""
     from dataclasses import replace
 
-    from lesionstack.inference.package import Target, describe, package, read_image
+    from lesionstack.inference.package import describe, image_targets, package, read_image
     from lesionstack.preflight import check_stack, check_writable
 
     check_stack(artifacts)
     check_writable(out)
-    target = Target.from_image(read_image())
-    target = replace(target, python=python or target.python, platform=platform or target.platform)
-    path = package(artifacts, out, dataset_id=dataset_id, target=target, fp16=fp16)
+    targets = image_targets(read_image())
+    if python:
+        targets = [replace(targets[0], python=p.strip()) for p in python.split(",") if p.strip()]
+    targets = [replace(t, platform=platform or t.platform) for t in targets]
+    path = package(artifacts, out, dataset_id=dataset_id, targets=targets, fp16=fp16)
     typer.echo(describe(path))
     typer.echo(f"upload with: kaggle datasets create -p {path}")
 

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -119,6 +119,13 @@ class Target:
 
     def __str__(self) -> str:
         return f"{self.implementation}{self.python.replace('.', '')} {self.platform}"
+
+
+def image_targets(image: dict[str, Any]) -> list[Target]:
+    """One target per Python the image record's `pythons` names (default: its `python` alone): the bundle
+    ships a simplejpeg wheel for each, and the kernel installs the one that fits the Python it finds."""
+    base = Target.from_image(image)
+    return [replace(base, python=str(p)) for p in image.get("pythons", [base.python])]
 
 
 def check_wheels(wheels: Sequence[Path], target: Target) -> None:
@@ -260,17 +267,17 @@ def folder_size(path: Path) -> int:
 
 
 def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], *,
-            dataset_id: str = "your-kaggle-username/lesionstack-model", target: Target | None = None,
+            dataset_id: str = "your-kaggle-username/lesionstack-model", targets: Sequence[Target] | None = None,
             ship: Sequence[str] | None = None, fp16: bool = False) -> Path:
-    """Build a folder that `kaggle datasets create -p OUT` accepts: wheels/ (for `target`, default the
-    Kaggle image's), artifacts/, the kernel, dataset-metadata.json and bundle.json. Built beside OUT and
-    renamed into place, so a failure leaves nothing."""
+    """Build a folder that `kaggle datasets create -p OUT` accepts: wheels/ (for every one of `targets`,
+    default the Kaggle image's Pythons), artifacts/, the kernel, dataset-metadata.json and bundle.json. Built
+    beside OUT and renamed into place, so a failure leaves nothing."""
     from lesionstack.tabular.pairing import check_fold_pairing
     from lesionstack.trained.loaders import cnn_folds
 
     art, out = ArtifactPaths(artifacts_dir), Path(out)
     image = read_image()
-    target = target or Target.from_image(image)
+    targets = list(targets or image_targets(image))
     ship = shipped_requirements(image) if ship is None else ship
     if not art.cv_json.is_file() or not art.stack_dir.is_dir():
         raise FileNotFoundError(f"{art.root}: no trained stacker to package (run `lesionstack run` first)")
@@ -289,20 +296,36 @@ def package(artifacts_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         convert_legacy_weights(build / "artifacts" / "cnn")
         refuse_pickles(build / "artifacts", art)
         halved = halve_cnn_weights(build / "artifacts" / "cnn") if fp16 else 0
-        shipped = [build_own_wheel(wheels), *download_wheels(ship, wheels, target)]
-        check_wheels(shipped, target)
+        own = build_own_wheel(wheels)
+        by_python = {t.python: [own.name, *(w.name for w in _wheels_for(ship, wheels, t, Path(tmp)))]
+                     for t in targets}
+        for target in targets:
+            check_wheels([wheels / name for name in by_python[target.python]], target)
         write_json(build / "artifacts" / "versions.json", library_versions())
         shutil.copy2(source_root() / "kaggle" / "kernel.py", build / "kernel.py")
         write_json(build / "dataset-metadata.json", {
             "title": dataset_id.split("/")[-1], "id": dataset_id, "licenses": [{"name": "CC0-1.0"}]})
         write_json(build / MANIFEST, {
-            "target": {"python": target.python, "platform": target.platform,
-                       "implementation": target.implementation},
-            "wheels": [w.name for w in shipped], "cnn_weights": "float16" if halved else "float32",
+            "targets": [{"python": t.python, "platform": t.platform, "implementation": t.implementation}
+                        for t in targets],
+            "wheels": sorted(p.name for p in wheels.glob("*.whl")), "wheels_by_python": by_python,
+            "cnn_weights": "float16" if halved else "float32",
             "bytes": {"wheels": folder_size(wheels), "artifacts": folder_size(build / "artifacts"),
                       "cnn": folder_size(build / "artifacts" / "cnn")}})
         os.replace(build, out)
     return out
+
+
+def _wheels_for(specs: Sequence[str], wheels: Path, target: Target, scratch: Path) -> list[Path]:
+    """`specs`' wheels for one target, downloaded into a folder of their own (two targets may share a
+    pure wheel), then moved into `wheels`."""
+    folder = Path(tempfile.mkdtemp(dir=scratch, prefix=f"wheels-{target.python}-"))
+    found = download_wheels(specs, folder, target)
+    check_wheels(found, target)
+    for wheel in found:
+        if not (wheels / wheel.name).exists():
+            shutil.move(wheel, wheels / wheel.name)
+    return [wheels / w.name for w in found]
 
 
 def describe(bundle: Path) -> str:
@@ -310,8 +333,9 @@ def describe(bundle: Path) -> str:
     manifest = read_json(bundle / MANIFEST)
     size = manifest["bytes"]
     total = folder_size(bundle)
+    targets = ", ".join(str(Target(**t)) for t in manifest.get("targets", [manifest.get("target")]))
     return "\n".join([
-        f"bundle {bundle}: {total / 1e6:.1f} MB for {Target(**manifest['target'])}",
+        f"bundle {bundle}: {total / 1e6:.1f} MB for {targets}",
         f"  artifacts {size['artifacts'] / 1e6:.1f} MB (fold CNNs {size['cnn'] / 1e6:.1f} MB, "
         f"{manifest['cnn_weights']})",
         f"  wheels    {size['wheels'] / 1e6:.1f} MB: {', '.join(manifest['wheels'])}",

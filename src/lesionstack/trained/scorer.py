@@ -166,28 +166,36 @@ class FoldScorer:
         is decoded once (in DataLoader workers) and scored by every fold model; a crop that cannot be
         read or decoded gets NaN and a warning naming it. `per_fold` adds one `score_fold_<k>` column per
         fold model (`score` is their mean): the stacker's fold k is paired with CNN fold k's score."""
-        size = self._need_cnn()
-        images = H5Images(path)
-        ids = list(images.ids) if ids is None else [str(i) for i in ids]
-        missing = sorted(set(ids) - set(images.ids))
-        if missing:
-            raise KeyError(f"{images.path}: no crop for {len(missing)} id(s), e.g. {missing[:3]}")
-        dataset = _TolerantCrops(images, ids, None, size)
-        mine = shard(range(len(ids)), self.rt.ctx.rank, self.rt.ctx.world_size, pad=False)  # all: one process
-        loader = make_loader(dataset, self.rt, sampler=mine, batch_size=self.rt.settings.eval_batch_size)
+        ids = list(H5Images(path).ids) if ids is None else [str(i) for i in ids]
         found_idx, found_scores = [], []
-        for batch in self.rt.bar(loader, f"score {images.path.name}", unit="batch"):
-            for index, reason in batch.corrupt:
-                log.warning("crop '%s' in %s not scored (NaN): %s", ids[index], images.path, reason)
-            if len(batch.index):
-                found_idx.append(batch.index.numpy())
-                found_scores.append(self._score_batch(self._ready(batch.images)))
+        for index, scores in self.stream_hdf5(path, ids):
+            found_idx.append(index)
+            found_scores.append(scores)
         by_fold = np.column_stack([gather_rows(found_idx, [s[:, j] for s in found_scores], len(ids), self.rt.ctx)
                                    for j in range(len(self._folds))])
         table = pd.DataFrame({ID_COLUMN: ids, "score": by_fold.mean(axis=1)})
         if per_fold:
             table = table.assign(**{fold_score_column(k): by_fold[:, j] for j, k in enumerate(self.folds)})
         return table
+
+    @torch.no_grad()
+    def stream_hdf5(self, path: str | os.PathLike[str], ids: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(indices into `ids`, (B, n_folds) scores) batch by batch, as the crops are decoded and scored
+        (this rank's shard under DDP): a caller that writes each batch out holds nothing per crop. A crop
+        that cannot be read or decoded is left out, with a warning naming it."""
+        size = self._need_cnn()
+        images = H5Images(path, cache_locations=False)  # one pass: nothing kept per crop
+        missing = [i for i in ids if i not in images]  # no set of every key (500,000 strings) held meanwhile
+        if missing:
+            raise KeyError(f"{images.path}: no crop for {len(missing)} id(s), e.g. {missing[:3]}")
+        dataset = _TolerantCrops(images, ids, None, size)
+        mine = shard(range(len(ids)), self.rt.ctx.rank, self.rt.ctx.world_size, pad=False)  # all: one process
+        loader = make_loader(dataset, self.rt, sampler=mine, batch_size=self.rt.settings.eval_batch_size)
+        for batch in self.rt.bar(loader, f"score {images.path.name}", unit="batch"):
+            for index, reason in batch.corrupt:
+                log.warning("crop '%s' in %s not scored (NaN): %s", ids[index], images.path, reason)
+            if len(batch.index):
+                yield batch.index.numpy(), self._score_batch(self._ready(batch.images))
 
 
     # ---- internals ----------------------------------------------------------------------------------
