@@ -60,7 +60,7 @@ EOF
 step "train the demo CNN config, fold 0, on $DEVICE (amp=$AMP, channels_last=$CHANNELS_LAST)"
 T0=$(date +%s)
 timeout "$(left)" "$LESIONSTACK" train-cnn "$WORK/data" --folds "$WORK/art/folds.csv" --config "$WORK/cnn.yaml" \
-  --out "$WORK/art" --folds-only 0 >"$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log"; exit 1; }
+  --artifacts "$WORK/art" --folds-only 0 >"$WORK/train.log" 2>&1 || { tail -20 "$WORK/train.log"; exit 1; }
 TRAIN_S=$(( $(date +%s) - T0 ))
 grep -iE "device|amp|channels" "$WORK/train.log" | head -3 || true
 echo "trained fold 0 in ${TRAIN_S}s"
@@ -82,7 +82,7 @@ EOF
 if [ "$GPUS" -ge 2 ]; then
   step "DDP: fold 0 again under torchrun --nproc_per_node 2 (nccl)"
   timeout "$(left)" "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 2 "$(command -v "$LESIONSTACK")" \
-    train-cnn "$WORK/data" --folds "$WORK/art/folds.csv" --config "$WORK/cnn.yaml" --out "$WORK/ddp" \
+    train-cnn "$WORK/data" --folds "$WORK/art/folds.csv" --config "$WORK/cnn.yaml" --artifacts "$WORK/ddp" \
     --folds-only 0 >"$WORK/ddp.log" 2>&1 || { tail -20 "$WORK/ddp.log"; exit 1; }
   grep -iE "nccl|world|rank" "$WORK/ddp.log" | head -3 || true
   echo "DDP with nccl: trained fold 0 on 2 GPUs"

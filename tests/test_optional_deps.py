@@ -23,7 +23,8 @@ OPTIONAL = ("simplejpeg", "fastapi", "starlette", "uvicorn", "onnx", "onnxruntim
 # Every module `kaggle/kernel.py` reaches through `inference.submit.predict`, lazy imports included.
 KERNEL_PATH = ("lesionstack.inference.submit", "lesionstack.inference.predictor", "lesionstack.inference.package",
                "lesionstack.inference.diagnosis", "lesionstack.tabular.features", "lesionstack.tabular.pairing",
-               "lesionstack.tabular.stack", "lesionstack.tabular.gbdt")
+               "lesionstack.tabular.stack", "lesionstack.tabular.gbdt", "lesionstack.trained.loaders",
+               "lesionstack.trained.scorer")
 # A fresh interpreter where each optional library is absent: a None in sys.modules makes `import x` raise
 # ModuleNotFoundError and `importlib.util.find_spec(x)` answer None, as when it is not installed (torch
 # probes some of them with find_spec).
