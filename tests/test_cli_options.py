@@ -156,6 +156,7 @@ def test_a_held_lock_refuses_the_commands_that_skipped_it(tmp_path: Path) -> Non
     art, data = tmp_path / "art", tmp_path / "data"
     (art / "distill" / "s").mkdir(parents=True)
     data.mkdir()
+    (data / "HAM10000_metadata.csv").write_text("lesion_id,image_id,dx\n")  # a diagnosis layout, found
     with run_lock(art):
         for argv in (["train-diagnosis", str(data), "-a", str(art)], ["phone-eval", str(data), "-a", str(art)],
                      ["export", str(data), "-a", str(art)]):

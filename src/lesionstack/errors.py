@@ -41,8 +41,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "SubmissionError": ErrorKind(10, "submission", "check the test files and the trained artifacts named above"),
     "ReportError": ErrorKind(11, "report", "run the stage that writes the missing file, then the report"),
     "MaskDataError": ErrorKind(12, "masks", "fix the masks folder named above"),
-    "DiagnosisDataError": ErrorKind(18, "diagnosis data", "fix the label file, column and row named above "
-                                    "(or the class mapping in the diagnosis config)"),
+    "DiagnosisDataError": ErrorKind(18, "diagnosis data", "fix the data folder, or the label file, column and "
+                                    "row, named above (or the class mapping in the diagnosis config)"),
     "WeightsError": ErrorKind(15, "weights", "point the config at weights of the named architecture"),
     "DemoDataError": ErrorKind(16, "demo-data", "change the demo-data option named above"),
     "PredictorError": ErrorKind(17, "predictor", "check the trained artifacts folder named above (a finished run?)"),

@@ -92,6 +92,7 @@ def train_diagnosis_cmd(
     folds_only: FoldsOnly = "",
 ) -> None:
     """Multi-class diagnosis per fold (lesion/patient-grouped): OOF class probabilities, balanced accuracy."""
+    from lesionstack.data.diagnosis import detect_layout
     from lesionstack.preflight import check_writable, exists
     from lesionstack.train.diagnosis import train_diagnosis
     from lesionstack.train.diagnosis_config import load_diagnosis_config
@@ -99,6 +100,8 @@ def train_diagnosis_cmd(
     only = fold_list(folds_only)
     cfg = load_diagnosis_config(config, segmenter)
     exists(data, "data folder", folder=True)
+    if cfg.layout == "auto":
+        detect_layout(data)  # one of the three layouts, or a line naming what was looked for
     check_writable(artifacts)
     with artifacts_lock("train-diagnosis", artifacts):
         summary = train_diagnosis(data, cfg, artifacts, only)
