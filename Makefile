@@ -33,9 +33,10 @@ demo: setup
 	test -f demo/data/train-metadata.csv || $(BIN)/lesionstack demo-data demo/data --seed 0
 	$(BIN)/lesionstack run demo/data --artifacts demo/artifacts --config configs/run/demo.yaml
 
-# The whole default suite (the browser, PostgreSQL and ISIC-scorer tests included), then the Kaggle
-# kernel on the Kaggle image's library versions: CI runs exactly this (.ci/run).
-test: setup pg-server $(KSTAMP)
+# The lint (ruff and the import layers), then the whole default suite (the browser, PostgreSQL and
+# ISIC-scorer tests included), then the Kaggle kernel on the Kaggle image's library versions: CI runs
+# exactly this (.ci/run).
+test: lint pg-server $(KSTAMP)
 	LESIONSTACK_REQUIRE_BROWSER=1 $(BIN)/pytest -q
 	$(MAKE) --no-print-directory kaggle-check
 
@@ -71,8 +72,10 @@ $(KSTAMP): kaggle/image.yaml | $(STAMP)
 kaggle-check: setup $(KSTAMP)
 	KAGGLE_PYTHON=$(abspath $(KVENV))/bin/python $(BIN)/pytest -q -m kaggle tests/test_kaggle_check.py
 
+# ruff, then the import layers and the no-circle rule of pyproject.toml's [tool.importlinter]
 lint: setup
 	$(BIN)/ruff check src tests benchmarks kaggle
+	$(BIN)/lint-imports
 
 clean:
 	rm -rf demo artifacts .pytest_cache $(KVENV)

@@ -39,8 +39,9 @@ from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.report.stats import WeightedROC
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
 from lesionstack.train.aux_heads import AuxDiagnosisConfig
-from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn import train_cnn
 from lesionstack.train.cnn_config import CNNConfig, load_cnn_config
+from lesionstack.train.cnn_scores import scoring_model
 
 
 def parse_args() -> argparse.Namespace:

@@ -27,8 +27,9 @@ import pandas as pd
 from scipy.special import expit
 
 from lesionstack.config import load_config
+from lesionstack.data.demo_tables import make_tables
 from lesionstack.data.metadata import id_mismatch
-from lesionstack.data.synthetic import DemoSpec, make_tables
+from lesionstack.data.synthetic import DemoSpec
 from lesionstack.folds import read_folds
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths

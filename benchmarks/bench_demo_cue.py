@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from lesionstack.data.dataset import resize_mask, resize_square
+from lesionstack.data.demo_images import lesion_stream, render_lesion
+from lesionstack.data.demo_tables import make_tables
 from lesionstack.data.hdf5 import H5Images
-from lesionstack.data.synthetic import DemoSpec, lesion_stream, make_tables, render_lesion, write_demo_data
+from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.metrics import pauc
 
 SIZES = (64, 48, 40, 32)

@@ -24,7 +24,8 @@ from lesionstack.folds import read_folds
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.report.compare import compare_runs
-from lesionstack.tabular.stack import StackConfig, train_stack
+from lesionstack.tabular.stack import train_stack
+from lesionstack.tabular.stack_config import StackConfig
 
 ARMS = {
     "base": {},

@@ -26,7 +26,8 @@ import numpy as np
 import pandas as pd
 
 from lesionstack.config import load_config, save_config
-from lesionstack.data.synthetic import DemoSpec, make_tables
+from lesionstack.data.demo_tables import make_tables
+from lesionstack.data.synthetic import DemoSpec
 from lesionstack.folds import assign_folds
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular.features import build_features

@@ -23,8 +23,9 @@ from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import RunSettings, Runtime, load_weights, predict_logits, sigmoid
 from lesionstack.train.aux_heads import AUX_COLUMN, AuxDiagnosisConfig, aux_diagnosis_loss, with_aux_loss
-from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn import train_cnn
 from lesionstack.train.cnn_config import CNNConfig, load_cnn_config
+from lesionstack.train.cnn_scores import scoring_model
 from lesionstack.trained.loaders import load_network
 
 CPU = torch.device("cpu")

@@ -17,8 +17,9 @@ from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import load_weights
-from lesionstack.train.cnn import WeightEMA, train_cnn
+from lesionstack.train.cnn import train_cnn
 from lesionstack.train.cnn_config import CNNConfig
+from lesionstack.train.ema import WeightEMA
 
 
 def tiny_config(gate: str = "none", **changes: object) -> CNNConfig:

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from lesionstack.config import ConfigError, ensure_same_config, load_config, save_config
-from lesionstack.pipeline import load_run_config
+from lesionstack.run_config import load_run_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -16,11 +16,8 @@ from lesionstack.data.diagnosis import (
     LabelMap,
     check_diagnosis_folds,
     diagnosis_folds,
-    read_diagnosis,
-    read_ham10000,
-    read_ham10000_labels,
-    read_task3,
 )
+from lesionstack.data.diagnosis_layouts import read_diagnosis, read_ham10000, read_ham10000_labels, read_task3
 
 HAM_COUNTS = {"nv": 6705, "mel": 1113, "bkl": 1099, "bcc": 514, "akiec": 327, "vasc": 142, "df": 115}
 

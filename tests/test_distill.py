@@ -20,7 +20,7 @@ from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.report.distill import comparison
 from lesionstack.tabular.stack_config import StackConfig
-from lesionstack.train.cnn import check_oof
+from lesionstack.train.cnn_scores import check_oof
 from lesionstack.train.distill import (
     WEIGHTS_FILE,
     distill,

@@ -79,7 +79,7 @@ def _find_class(name: str, *modules: str) -> type:
 @cache
 def families() -> dict[str, type]:
     """Config family (how the docs prefix a key) -> its dataclass. The run config's sections are families."""
-    run = _find_class("RunConfig", "lesionstack.pipeline")
+    run = _find_class("RunConfig", "lesionstack.run_config", "lesionstack.pipeline")
     hints = typing.get_type_hints(run)
     out: dict[str, type] = {"run": run}
     for f in dataclasses.fields(run):

@@ -73,7 +73,8 @@ def test_a_corrupt_crop_in_a_fold_worker_reaches_the_parent_naming_it(tmp_path: 
     from _cnn_data import make_cnn_data
     from lesionstack.data.decode import CorruptImageError
     from lesionstack.models import ModelConfig
-    from lesionstack.train.cnn import CNNConfig, train_cnn
+    from lesionstack.train.cnn import train_cnn
+    from lesionstack.train.cnn_config import CNNConfig
 
     root = make_cnn_data(tmp_path / "data", corrupt=("ISIC_0000005",))
     cfg = CNNConfig(model=ModelConfig(classifier="test_resnet", gate="none"), image_size=32, batch_size=4,

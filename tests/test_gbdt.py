@@ -27,8 +27,9 @@ from sklearn.utils.estimator_checks import (
 )
 
 from lesionstack.files import write_json
+from lesionstack.tabular.estimator import GBDTStacker, load_models, save_models, undersample
 from lesionstack.tabular.gbdt import FAMILIES, SEARCH_SPACE, find_pickles, kaggle_wheels
-from lesionstack.tabular.stack import GBDTStacker, load_models, save_models, undersample, with_params
+from lesionstack.tabular.stack import with_params
 from lesionstack.tabular.stack_config import StackConfig, StackError
 
 FAMILY_NAMES = list(FAMILIES)

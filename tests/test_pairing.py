@@ -17,15 +17,14 @@ from lesionstack.errors import classify
 from lesionstack.files import read_json, write_json
 from lesionstack.paths import ArtifactPaths
 from lesionstack.report.shift import shift_table
+from lesionstack.tabular.blend import blend
+from lesionstack.tabular.estimator import load_models
 from lesionstack.tabular.features import build_features
-from lesionstack.tabular.pairing import (
-    PairingError,
-    compare,
-    fold_cnn_features,
-    paired_features,
-)
-from lesionstack.tabular.stack import blend, load_models, predict_stack, train_stack
+from lesionstack.tabular.pairing import PairingError, fold_cnn_features, paired_features
+from lesionstack.tabular.score_shift import compare
+from lesionstack.tabular.stack import train_stack
 from lesionstack.tabular.stack_config import StackConfig, StackError
+from lesionstack.tabular.stack_predict import predict_stack
 from test_stack import REAL_META, TINY, make_stack_inputs
 
 N_TRAIN, N_TEST = 300, 45

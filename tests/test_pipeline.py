@@ -19,7 +19,8 @@ import yaml
 
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.paths import ArtifactPaths
-from lesionstack.pipeline import format_summary, load_run_config, run
+from lesionstack.pipeline import format_summary, run
+from lesionstack.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +135,7 @@ def test_every_predicting_path_pairs_stack_fold_k_with_cnn_fold_k(trained, tiny_
     from lesionstack.data.metadata import read_metadata
     from lesionstack.inference.predictor import Predictor
     from lesionstack.tabular.pairing import PairingError
-    from lesionstack.tabular.stack import predict_stack
+    from lesionstack.tabular.stack_predict import predict_stack
 
     out, _ = trained
     art = ArtifactPaths(out)
@@ -198,7 +199,7 @@ def test_predict_with_a_corrupt_test_crop_scores_its_row_tabular_only(trained, p
     from lesionstack.data.metadata import read_metadata
     from lesionstack.inference.submit import predict, validate_submission
     from lesionstack.tabular.features import build_features
-    from lesionstack.tabular.stack import predict_stack
+    from lesionstack.tabular.stack_predict import predict_stack
 
     out, _ = trained
     data = tmp_path / "test"

@@ -25,7 +25,7 @@ import pytest
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.folds import make_folds_file
 from lesionstack.paths import ArtifactPaths, DataPaths
-from lesionstack.tabular.features import features_stage
+from lesionstack.tabular.features_stage import features_stage
 
 STUDY = "shared-lgbm"
 

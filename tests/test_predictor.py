@@ -20,8 +20,9 @@ from lesionstack.inference.predictor import Predictor, PredictorError
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
-from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn import train_cnn
 from lesionstack.train.cnn_config import CNNConfig
+from lesionstack.train.cnn_scores import scoring_model
 from lesionstack.trained.loaders import cnn_folds
 
 CPU = torch.device("cpu")

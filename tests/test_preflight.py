@@ -127,8 +127,8 @@ def test_a_refused_run_leaves_a_finished_folder_as_it_was(demo: Path, tmp_path: 
 def test_run_prints_its_plan(demo: Path, tmp_path: Path) -> None:
     from lesionstack.folds import make_folds_file
     from lesionstack.paths import ArtifactPaths, DataPaths
-    from lesionstack.pipeline import load_run_config
     from lesionstack.preflight import check_run
+    from lesionstack.run_config import load_run_config
 
     art = ArtifactPaths(tmp_path / "art")
     plan = {s.stage: s.action for s in check_run(DataPaths(demo), art, load_run_config(config(tmp_path)))}

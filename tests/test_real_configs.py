@@ -17,10 +17,12 @@ from lesionstack.config import ConfigError, read_config_dict
 from lesionstack.files import read_json
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths, DataPaths
-from lesionstack.pipeline import _segmenter, load_run_config, run
+from lesionstack.pipeline import _segmenter, run
+from lesionstack.run_config import load_run_config
 from lesionstack.runtime import load_weights
-from lesionstack.train.cnn import train_cnn, validation_rows
+from lesionstack.train.cnn import train_cnn
 from lesionstack.train.cnn_config import CNNConfig, load_cnn_config
+from lesionstack.train.cnn_fold import validation_rows
 
 REPO = Path(__file__).resolve().parents[1]
 REAL_CNN = [REPO / "configs" / "cnn" / "default.yaml", REPO / "configs" / "cnn" / "effb0_128.yaml"]

@@ -382,7 +382,7 @@ def test_wilson_interval_holds_its_estimate_at_the_extremes():
 
 
 def test_the_train_vs_test_score_scale_table_shows_score_shift_json(tmp_path):
-    from lesionstack.tabular.pairing import compare
+    from lesionstack.tabular.score_shift import compare
 
     paths = make_artifacts(tmp_path, full=False)
     rng = np.random.default_rng(0)

@@ -22,7 +22,7 @@ from lesionstack.files import read_json, write_text
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 from lesionstack.resume import Resume, ResumeError, frame_digest, guard, images_digest
 from lesionstack.runtime import load_weights
-from lesionstack.tabular.features import features_stage
+from lesionstack.tabular.features_stage import features_stage
 from lesionstack.tabular.pairing import PairingError
 from lesionstack.tabular.stack import train_stack
 from lesionstack.tabular.stack_config import StackConfig

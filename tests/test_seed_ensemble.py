@@ -23,8 +23,9 @@ from lesionstack.models import ModelConfig, SeedEnsemble
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
-from lesionstack.train.cnn import scoring_model, train_cnn
+from lesionstack.train.cnn import train_cnn
 from lesionstack.train.cnn_config import CNNConfig
+from lesionstack.train.cnn_scores import scoring_model
 from lesionstack.train.distill_config import DistillConfig
 from lesionstack.trained.loaders import cnn_folds, load_cnn_fold
 

@@ -19,10 +19,12 @@ from conftest import SHARED_DATA
 from lesionstack.config import ConfigError
 from lesionstack.folds import assign_folds
 from lesionstack.paths import ArtifactPaths
+from lesionstack.tabular.estimator import GBDTStacker, load_models, undersample
 from lesionstack.tabular.features import build_features
 from lesionstack.tabular.gbdt import find_pickles
-from lesionstack.tabular.stack import GBDTStacker, check_cnn_oof, load_models, predict_stack, train_stack, undersample
+from lesionstack.tabular.stack import check_cnn_oof, train_stack
 from lesionstack.tabular.stack_config import StackConfig, StackError
+from lesionstack.tabular.stack_predict import predict_stack
 
 REAL_META = SHARED_DATA / "isic2024-real-metadata" / "train-metadata-first1000-no-target.csv"
 TINY = dict(seeds=(0,), n_rounds=20, learning_rate=0.1, max_depth=3, num_leaves=7, neg_pos_ratio=10.0,

@@ -12,9 +12,12 @@ import pytest
 from lesionstack.files import read_json
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular import image_scores, stack
+from lesionstack.tabular.estimator import load_models
 from lesionstack.tabular.image_scores import logit
 from lesionstack.tabular.outliers import LOF_COLUMN
-from lesionstack.tabular.stack import StackConfig, StackError, load_models, predict_stack, train_stack
+from lesionstack.tabular.stack import train_stack
+from lesionstack.tabular.stack_config import StackConfig, StackError
+from lesionstack.tabular.stack_predict import predict_stack
 from test_stack import TINY, make_stack_inputs
 
 ONE = {**TINY, "models": ("lgbm",)}

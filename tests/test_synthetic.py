@@ -12,8 +12,9 @@ import pytest
 import simplejpeg
 from PIL import Image
 
-from lesionstack.data import schema, synthetic
-from lesionstack.data.synthetic import DemoDataError, DemoSpec, make_tables, write_demo_data
+from lesionstack.data import demo_images, demo_tables, schema
+from lesionstack.data.demo_tables import make_tables
+from lesionstack.data.synthetic import DemoDataError, DemoSpec, write_demo_data
 from lesionstack.metrics import pauc
 from lesionstack.paths import DataPaths
 
@@ -114,8 +115,8 @@ def test_lesion_size_follows_metadata() -> None:
     r = tables.render_train
     px_area = []
     for i in range(len(r)):
-        _, mask = synthetic.render_lesion(r.iloc[i].to_dict(), np.random.default_rng(i))
-        px_area.append(mask.sum() * (synthetic.CROP_MM / r["size_px"].iloc[i]) ** 2)  # mm^2
+        _, mask = demo_images.render_lesion(r.iloc[i].to_dict(), np.random.default_rng(i))
+        px_area.append(mask.sum() * (demo_tables.CROP_MM / r["size_px"].iloc[i]) ** 2)  # mm^2
     corr = np.corrcoef(np.log(px_area), np.log(tables.train["tbp_lv_areaMM2"]))[0, 1]
     assert corr > 0.9
 
@@ -136,7 +137,7 @@ def test_sample_submission_and_truth(demo: DataPaths) -> None:
 
 def test_same_seed_same_bytes_different_seed_differs(demo: DataPaths, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(synthetic, "_CHUNK", 64)  # several chunks, so the two worker processes share them
+    monkeypatch.setattr(demo_images, "_CHUNK", 64)  # several chunks, so the two worker processes share them
     again = DataPaths(tmp_path / "again")
     write_demo_data(again.root, TINY, workers=2)
     for name in ("train_metadata", "test_metadata", "sample_submission", "demo_truth", "train_images",
@@ -194,7 +195,7 @@ def test_both_halves_carry_signal_and_truth_beats_both() -> None:
     rows = np.concatenate([np.flatnonzero(y == 1), rng.choice(np.flatnonzero(y == 0), 400, replace=False)])
     veil = []
     for i in rows:
-        image, mask = synthetic.render_lesion(tables.render_train.iloc[i].to_dict(), np.random.default_rng(i))
+        image, mask = demo_images.render_lesion(tables.render_train.iloc[i].to_dict(), np.random.default_rng(i))
         veil.append(_blue_veil(image, mask))
     ys = y[rows]
     tab, img, best = pauc(ys, relative.to_numpy()[rows]), pauc(ys, np.array(veil)), pauc(ys, prob[rows])
@@ -241,7 +242,7 @@ def _crops_64(seed: int) -> tuple[object, np.ndarray, np.ndarray]:
 
     tables = make_tables(DemoSpec(seed=seed))
     render = tables.render_train.assign(size_px=64)
-    crops = np.stack([synthetic.render_lesion(render.iloc[i].to_dict(), np.random.default_rng(i))[0]
+    crops = np.stack([demo_images.render_lesion(render.iloc[i].to_dict(), np.random.default_rng(i))[0]
                       for i in range(len(render))])
     x = (torch.from_numpy(crops).permute(0, 3, 1, 2).float() - 128) / 40
     return x, tables.train["target"].to_numpy(), tables.truth["image_cue"].to_numpy()[: len(render)]

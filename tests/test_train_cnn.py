@@ -27,8 +27,10 @@ from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
-from lesionstack.train.cnn import check_oof, scoring_model, train_cnn, warmup_cosine
+from lesionstack.train.cnn import train_cnn
 from lesionstack.train.cnn_config import CNNConfig
+from lesionstack.train.cnn_scores import check_oof, scoring_model
+from lesionstack.train.loop import warmup_cosine
 
 CPU = torch.device("cpu")
 METRIC_KEYS = {"epochs", "best_epoch", "best_pauc", "best_auc", "n_train", "n_val"}

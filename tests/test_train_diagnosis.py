@@ -11,14 +11,15 @@ import pytest
 
 from lesionstack import pipeline
 from lesionstack.config import ConfigError
-from lesionstack.data.diagnosis import read_diagnosis
-from lesionstack.data.synthetic import DemoSpec, make_tables, write_demo_data, write_ham10000_demo
+from lesionstack.data.demo_tables import make_tables
+from lesionstack.data.diagnosis_layouts import read_diagnosis
+from lesionstack.data.synthetic import DemoSpec, write_demo_data, write_ham10000_demo
 from lesionstack.files import read_json
 from lesionstack.inference.diagnosis import DiagnosisPredictor
 from lesionstack.inference.predictor import Predictor, read_image_file
 from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths, DataPaths
-from lesionstack.pipeline import load_run_config
+from lesionstack.run_config import load_run_config
 from lesionstack.train import diagnosis as stage
 from lesionstack.train.diagnosis import EpochSampler, class_weights
 from lesionstack.train.diagnosis_config import DiagnosisConfig, load_diagnosis_config

@@ -18,76 +18,32 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
-import yaml
 
-from lesionstack.config import ConfigError, config_from_dict, save_config
+from lesionstack.config import ConfigError, save_config
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
-from lesionstack.folds import FoldsConfig, folds_stage
+from lesionstack.folds import folds_stage
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.preflight import check_run
 from lesionstack.report.inputs import selection_caveat
+from lesionstack.run_config import RunConfig
 from lesionstack.tabular.stack import StackResult
-from lesionstack.tabular.stack_config import StackConfig
-from lesionstack.tabular.tune import TuneSettings
 from lesionstack.train.cnn_config import CNNConfig, resolve_untrained_segmenter
-from lesionstack.train.diagnosis_config import DiagnosisConfig
-from lesionstack.train.segmenter import SegConfig, SegmenterResult
+from lesionstack.train.segmenter import SegmenterResult
 
 if TYPE_CHECKING:  # the stage modules are imported when their step runs (torch is slow to import)
-    from lesionstack.tabular.features import FeaturesResult
+    from lesionstack.tabular.features_stage import FeaturesResult
     from lesionstack.tabular.tune import TuneResult
     from lesionstack.train.cnn import CNNResult
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-
-
-@dataclass
-class RunConfig:
-    """The whole pipeline. In YAML each stage section is a mapping, or a path to that stage's own YAML."""
-
-    folds: FoldsConfig = field(default_factory=FoldsConfig)
-    segmenter: SegConfig = field(default_factory=SegConfig)
-    cnn: CNNConfig = field(default_factory=CNNConfig)
-    stack: StackConfig = field(default_factory=StackConfig)
-    tune: TuneSettings = field(default_factory=TuneSettings)
-    masks_dir: str | None = None  # segmenter training masks (ISIC 2018 Task 1 layout); default DATA/masks
-    report: bool = True
-    diagnosis_stage: bool = False  # also train the multi-class diagnosis stage (iddx classes) before the report
-    diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)
-
-
-STAGE_CONFIGS = {"folds": FoldsConfig, "segmenter": SegConfig, "cnn": CNNConfig, "stack": StackConfig,
-                 "tune": TuneSettings, "diagnosis": DiagnosisConfig}
-
-
-def load_run_config(path: str | os.PathLike[str] | None = None) -> RunConfig:
-    """Defaults, overridden by the YAML at `path`; a stage given as a string is read from that YAML file
-    (relative to the run config's folder, else to the working directory)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        base = Path(path).resolve().parent
-        for key, value in list(data.items()):
-            if key in STAGE_CONFIGS and isinstance(value, str):
-                data[key] = _read_stage_yaml(value, base, key, path)
-    return config_from_dict(RunConfig, data, where=str(path or "RunConfig"))
-
-
-def _read_stage_yaml(value: str, base: Path, key: str, path: str | os.PathLike[str]) -> dict[str, Any]:
-    for candidate in (base / value, Path(value)):
-        if candidate.is_file():
-            with open(candidate, encoding="utf-8") as fh:
-                return yaml.safe_load(fh) or {}
-    raise ConfigError(f"{path}: {key}: no such config file {value!r} (looked in {base} and {Path.cwd()})")
 
 
 # ---- typed results of the steps that live here ---------------------------------------------------------
@@ -213,10 +169,10 @@ def cnn_config_with(cnn: CNNConfig, seg: SegmenterResult | Skipped) -> CNNConfig
 def _diagnosis(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> str | Skipped:
     if not cfg.diagnosis_stage:
         return Skipped("diagnosis_stage is false")
-    from lesionstack.train.diagnosis import train_diagnosis
+    from lesionstack.train.diagnosis import diagnosis_stage
 
-    summary = train_diagnosis(data.root, cfg.diagnosis, art.root)
-    return f"OOF balanced accuracy {summary['balanced_accuracy']:.4f}, macro AUC {summary['macro_auc']:.4f}"
+    result = diagnosis_stage(data, art, cfg.diagnosis)
+    return f"OOF balanced accuracy {result.balanced_accuracy:.4f}, macro AUC {result.macro_auc:.4f}"
 
 
 def _cnn(data: DataPaths, art: ArtifactPaths, cfg: CNNConfig) -> CNNResult:
@@ -226,7 +182,7 @@ def _cnn(data: DataPaths, art: ArtifactPaths, cfg: CNNConfig) -> CNNResult:
 
 
 def _features(data: DataPaths, art: ArtifactPaths) -> FeaturesResult:
-    from lesionstack.tabular.features import features_stage
+    from lesionstack.tabular.features_stage import features_stage
 
     return features_stage(data, art)
 
@@ -247,23 +203,36 @@ def _stack(cfg: RunConfig, art: ArtifactPaths) -> StackResult:
 
 
 def _predict(data: DataPaths, art: ArtifactPaths) -> PredictResult | Skipped:
+    """The test set scored as `predict` scores it (`inference.stacker.score_table`), on the CNN test scores
+    train-cnn wrote through the same scorer; then the score-shift measurement (a record, not a score)."""
     if not art.features_test.is_file():
         return Skipped(f"no {data.test_metadata}")
+    from lesionstack.data.metadata import read_metadata
+    from lesionstack.inference.stacker import score_table, uses_cnn
     from lesionstack.inference.submit import write_submission
-    from lesionstack.tabular.pairing import score_shift
-    from lesionstack.tabular.stack import blend_folds, fold_probabilities
 
-    features = pd.read_parquet(art.features_test)
-    # stack fold k on CNN fold k's test scores (written by the features stage when it used CNN scores)
-    fold_cnn = pd.read_parquet(art.features_test_folds) if art.features_test_folds.is_file() else None
-    per_fold = fold_probabilities(features, art, fold_cnn=fold_cnn)
-    scores = blend_folds(features, per_fold, art)
+    meta = read_metadata(data.test_metadata, kind="test")
+    with_cnn = uses_cnn(read_json(art.cv_json))
+    cnn_scores = pd.read_parquet(art.test_cnn) if with_cnn else None
+    scores = score_table(art, meta, cnn_scores, where=str(data.test_metadata))
     with atomic_path(art.test_stack) as tmp:
         scores.to_parquet(tmp, index=False)
-    write_submission(scores, features[ID_COLUMN].tolist(), art.submission)
-    if fold_cnn is not None and read_json(art.cv_json)["with_cnn"]:  # the measured shift reuses per_fold
-        write_json(art.score_shift, score_shift(art, features, fold_cnn, per_fold))
+    write_submission(scores, meta[ID_COLUMN].tolist(), art.submission)
+    if with_cnn and art.features_test_folds.is_file():
+        _measure_score_shift(art)
     return PredictResult(art.submission, len(scores))
+
+
+def _measure_score_shift(art: ArtifactPaths) -> None:
+    """score_shift.json: the test scores before pairing (mean of the CNN folds) and after, against the
+    OOF (`tabular.score_shift`), from the feature tables the features stage wrote."""
+    from lesionstack.tabular.score_shift import score_shift
+    from lesionstack.tabular.stack_predict import fold_probabilities
+
+    features = pd.read_parquet(art.features_test)
+    fold_cnn = pd.read_parquet(art.features_test_folds)
+    per_fold = fold_probabilities(features, art, fold_cnn=fold_cnn)
+    write_json(art.score_shift, score_shift(art, features, fold_cnn, per_fold))
 
 
 def _report(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> ReportResult | Skipped:

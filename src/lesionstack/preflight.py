@@ -18,7 +18,7 @@ from lesionstack.paths import ArtifactPaths, DataPaths
 if TYPE_CHECKING:
     import pandas as pd
 
-    from lesionstack.pipeline import RunConfig
+    from lesionstack.run_config import RunConfig
     from lesionstack.train.cnn_config import CNNConfig
 
 

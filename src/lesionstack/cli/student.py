@@ -33,7 +33,7 @@ def distill_cmd(
     import logging
 
     from lesionstack.preflight import check_data, check_writable, exists
-    from lesionstack.train.distill import distill
+    from lesionstack.train.distill import distill_stage
     from lesionstack.train.distill_config import load_distill_config
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -47,12 +47,8 @@ def distill_cmd(
     check_writable(artifacts)
     student = name or (config.stem if config is not None else "default")
     with artifacts_lock("distill", artifacts):
-        summary = distill(data, artifacts, cfg, name=student, folds_only=only)
-    for fold, m in summary["folds"].items():
-        typer.echo(f"fold {fold}: kept epoch {m['best_epoch']}: pAUC {m['best_pauc']:.4f}")
-    if "oof_pauc" in summary:
-        typer.echo(f"student {student}: OOF pAUC {summary['oof_pauc']:.4f} (folds {summary['fold_pauc_mean']:.4f} "
-                   f"+- {summary['fold_pauc_std']:.4f}) -> {art.distill_dir(student)}")
+        result = distill_stage(DataPaths(data), art, cfg, name=student, folds_only=only)
+    typer.echo(result)
 
 
 def phone_eval_cmd(
@@ -65,7 +61,7 @@ def phone_eval_cmd(
 ) -> None:
     """OOF pAUC of an image model on its validation crops, clean and degraded like phone photos."""
     from lesionstack.preflight import check_writable, exists
-    from lesionstack.train.robustness import evaluate_phone
+    from lesionstack.train.robustness import phone_stage
 
     art = ArtifactPaths(artifacts)
     exists(artifacts, "artifacts folder", folder=True)
@@ -73,11 +69,8 @@ def phone_eval_cmd(
     exists(data, "data folder", folder=True)
     check_writable(artifacts)
     with artifacts_lock("phone-eval", artifacts):
-        r = evaluate_phone(data, artifacts, model=model, seed=seed)
-    for kind in ("clean", "degraded"):
-        typer.echo(f"{model} {kind:8s}: OOF pAUC {r[kind]['oof_pauc']:.4f} (folds {r[kind]['fold_pauc_mean']:.4f} "
-                   f"+- {r[kind]['fold_pauc_std']:.4f})")
-    typer.echo(f"-> {art.robustness_file(model + '.json')}")
+        result = phone_stage(DataPaths(data), art, model=model, seed=seed)
+    typer.echo(result)
 
 
 def export_cmd(
@@ -99,7 +92,7 @@ def export_cmd(
         show_default="7 with 8-bit activations, 8 with a16w8")] = None,
 ) -> None:
     """Export a distilled student to ONNX (fp32, optional int8) with its preprocessing; check parity and pAUC."""
-    from lesionstack.inference.export import export_student
+    from lesionstack.inference.export import ExportOptions, Int8Options, export_stage
     from lesionstack.preflight import check_writable, exists
 
     out = out or ArtifactPaths(artifacts).export_dir
@@ -108,22 +101,10 @@ def export_cmd(
     exists(data, "data folder", folder=True)
     check_writable(out)
     with artifacts_lock("export", artifacts):
-        r = export_student(data, artifacts, out, name=student, fold=fold, int8=int8,
-                           calibration_crops=calibration_crops, int8_recipe=int8_recipe,
-                           int8_weight_bits=int8_weight_bits)
-    typer.echo(f"{r['student']} fold {fold} ({r['classifier']}, {r['image_size']} px) via the "
-               f"{r['export']['exporter']} exporter, opset {r['export']['opset']}")
-    typer.echo(f"  torch pAUC {r['torch']['pauc']:.4f} on {r['n_val']} validation crops (no TTA)")
-    diff = r["fp32"]["max_abs_diff_vs_torch"]
-    typer.echo(f"  fp32  pAUC {r['fp32']['pauc']:.4f}, max |logit diff| vs torch {diff:.1e}, "
-               f"{r['fp32']['bytes'] / 1e6:.2f} MB")
-    if int8:
-        q = r["int8"]
-        typer.echo(f"  int8  pAUC {q['pauc']:.4f} ({q['pauc_minus_fp32']:+.4f} vs fp32), logit corr with fp32 "
-                   f"{q['logit_corr_with_fp32']:.3f}, {q['bytes'] / 1e6:.2f} MB, {int8_recipe}, "
-                   f"{q['weight_bits']}-bit weights ({'within' if q['within_tolerance'] else 'OUTSIDE'} the "
-                   f"0.005 tolerance)")
-    typer.echo(f"-> {out}")
+        options = ExportOptions(out, student, fold, int8,
+                                Int8Options(int8_recipe, int8_weight_bits, calibration_crops))
+        result = export_stage(DataPaths(data), ArtifactPaths(artifacts), options)
+    typer.echo(result)
 
 
 def register(app: typer.Typer) -> None:

@@ -94,7 +94,7 @@ def train_diagnosis_cmd(
     """Multi-class diagnosis per fold (lesion/patient-grouped): OOF class probabilities, balanced accuracy."""
     from lesionstack.data.diagnosis import detect_layout
     from lesionstack.preflight import check_writable, exists
-    from lesionstack.train.diagnosis import train_diagnosis
+    from lesionstack.train.diagnosis import diagnosis_stage
     from lesionstack.train.diagnosis_config import load_diagnosis_config
 
     only = fold_list(folds_only)
@@ -104,12 +104,8 @@ def train_diagnosis_cmd(
         detect_layout(data)  # one of the three layouts, or a line naming what was looked for
     check_writable(artifacts)
     with artifacts_lock("train-diagnosis", artifacts):
-        summary = train_diagnosis(data, cfg, artifacts, only)
-    for fold, m in summary["folds"].items():
-        typer.echo(f"fold {fold}: balanced accuracy {m['best_balanced_accuracy']:.4f} (epoch {m['best_epoch']})")
-    if "balanced_accuracy" in summary:
-        typer.echo(f"OOF balanced accuracy {summary['balanced_accuracy']:.4f}, macro AUC {summary['macro_auc']:.4f} "
-                   f"over {summary['n']} images; wrote {artifacts}/diagnosis/oof.parquet and cv.json")
+        result = diagnosis_stage(DataPaths(data), ArtifactPaths(artifacts), cfg, folds_only=only)
+    typer.echo(result)
 
 
 def features_cmd(
@@ -119,7 +115,7 @@ def features_cmd(
 ) -> None:
     """Build the feature tables of train (and test) metadata: the same function for both."""
     from lesionstack.preflight import check_data, check_writable
-    from lesionstack.tabular.features import features_stage
+    from lesionstack.tabular.features_stage import features_stage
 
     paths = DataPaths(data)
     check_data(paths, test=paths.test_metadata.is_file())  # test tables when the folder has test files
@@ -195,8 +191,9 @@ def run_cmd(
 
     Everything it will read is checked first, and the plan printed; resumable: a second run after a kill
     redoes only what was unfinished."""
-    from lesionstack.pipeline import format_summary, load_run_config, run
+    from lesionstack.pipeline import format_summary, run
     from lesionstack.preflight import check_run
+    from lesionstack.run_config import load_run_config
 
     cfg = load_run_config(config)
     plan = check_run(DataPaths(data), ArtifactPaths(artifacts), cfg)

@@ -65,7 +65,7 @@ def read_metadata(path: str | os.PathLike[str], kind: Kind = "train") -> pd.Data
     if kind == "train":
         typed = _check_target(typed, path)
     frame = typed.to_pandas()
-    frame.attrs["absent_columns"] = absent  # read by tabular.features.drift_warnings
+    frame.attrs["absent_columns"] = absent  # read by tabular.drift.drift_warnings
     return frame
 
 

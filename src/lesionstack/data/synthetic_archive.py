@@ -1,7 +1,7 @@
 """A small synthetic ISIC Archive download (`demo-data --archive N`), in the layout `isic image download`
 writes (`lesionstack.data.archive`): `<isic_id>.JPG` files and a `metadata.csv` of the archive's columns.
 
-Its images are drawn by the demo's own generator (`synthetic.make_tables` / `render_lesion`) from another
+Its images are drawn by the demo's own generator (`demo_tables.make_tables` / `demo_images.render_lesion`) from another
 seed stream, so they carry the demo's hidden image cue (the blue-grey veil) with the same meaning: a model
 pretrained on them has learnt something the competition-layout demo rewards. Archive records are labelled
 from images (dermoscopy, histopathology), so the label leans on the image more than the demo's does
@@ -19,16 +19,9 @@ import numpy as np
 import pandas as pd
 
 from lesionstack.data.archive import ARCHIVE_METADATA
-from lesionstack.data.synthetic import (
-    DemoDataError,
-    DemoSpec,
-    _encode,
-    _replace_dir,
-    _write_csv,
-    lesion_stream,
-    make_tables,
-    render_lesion,
-)
+from lesionstack.data.demo_images import lesion_stream, render_lesion
+from lesionstack.data.demo_tables import make_tables
+from lesionstack.data.synthetic import DemoDataError, DemoSpec, _encode, _replace_dir, _write_csv
 
 SEED_OFFSET = 7919  # the archive's tables are drawn from seed + this, never the competition set's own
 POSITIVE_RATE = 0.2

@@ -22,15 +22,18 @@ import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from lesionstack.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lesionstack.files import read_json, write_json
+
+if TYPE_CHECKING:
+    from lesionstack.paths import ArtifactPaths, DataPaths
 
 log = logging.getLogger(__name__)
 
@@ -372,3 +375,50 @@ def only_student(artifacts: Path) -> str:
     if len(names) != 1:
         raise ExportError(f"{artifacts / 'distill'}: name the student to export with --student; found {names}")
     return names[0]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What `export` writes: the student and fold, where to, and the int8 model's options."""
+
+    out: Path | None = None  # default: ARTIFACTS/export
+    student: str | None = None  # default: the only one under ARTIFACTS/distill
+    fold: int = 0
+    int8: bool = False
+    int8_options: Int8Options = field(default_factory=Int8Options)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What `export` wrote (`export.json`'s content in `report`) and where."""
+
+    out: Path
+    report: Any  # export.json as a read-only mapping
+    int8_recipe: str
+
+    def __str__(self) -> str:
+        r = self.report
+        lines = [f"{r['student']} fold {r['fold']} ({r['classifier']}, {r['image_size']} px) via the "
+                 f"{r['export']['exporter']} exporter, opset {r['export']['opset']}",
+                 f"  torch pAUC {r['torch']['pauc']:.4f} on {r['n_val']} validation crops (no TTA)",
+                 f"  fp32  pAUC {r['fp32']['pauc']:.4f}, max |logit diff| vs torch "
+                 f"{r['fp32']['max_abs_diff_vs_torch']:.1e}, {r['fp32']['bytes'] / 1e6:.2f} MB"]
+        if "int8" in r:
+            q = r["int8"]
+            lines.append(f"  int8  pAUC {q['pauc']:.4f} ({q['pauc_minus_fp32']:+.4f} vs fp32), logit corr with fp32 "
+                         f"{q['logit_corr_with_fp32']:.3f}, {q['bytes'] / 1e6:.2f} MB, {self.int8_recipe}, "
+                         f"{q['weight_bits']}-bit weights ({'within' if q['within_tolerance'] else 'OUTSIDE'} the "
+                         f"0.005 tolerance)")
+        return "\n".join([*lines, f"-> {self.out}"])
+
+
+def export_stage(data: DataPaths, art: ArtifactPaths, opts: ExportOptions) -> ExportResult:
+    """The `export` stage: see `export_student`."""
+    from types import MappingProxyType
+
+    out = opts.out or art.export_dir
+    q = opts.int8_options
+    report = export_student(data.root, art.root, out, name=opts.student, fold=opts.fold, int8=opts.int8,
+                            calibration_crops=q.calibration_crops, seed=q.seed, int8_recipe=q.recipe,
+                            int8_weight_bits=q.weight_bits)
+    return ExportResult(Path(out), MappingProxyType(report), q.recipe)

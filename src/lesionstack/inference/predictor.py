@@ -27,9 +27,9 @@ import pandas as pd
 
 from lesionstack.data.decode import MAX_DECODED_PIXELS, decode_input
 from lesionstack.data.diagnosis import PROB_PREFIX
-from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import read_json
 from lesionstack.inference.diagnosis import DiagnosisPredictor
+from lesionstack.inference.stacker import has_tabular_variant, score_table, uses_cnn
 from lesionstack.paths import ArtifactPaths
 from lesionstack.runtime import DistContext, Runtime
 from lesionstack.trained.scorer import FoldScorer, PredictorError, _Fold
@@ -71,12 +71,12 @@ class Predictor(FoldScorer):
 
     @property
     def stacker_uses_cnn(self) -> bool:
-        return bool(self._cv and self._cv.get("with_cnn"))
+        return uses_cnn(self._cv)
 
     @property
     def has_tabular_variant(self) -> bool:
         """The stacker also trained models without CNN features (scores rows whose crop failed)."""
-        return self.stacker_uses_cnn and "tabular" in self._cv.get("models", {})  # type: ignore[union-attr]
+        return has_tabular_variant(self._cv)
 
     @property
     def has_diagnosis(self) -> bool:
@@ -133,44 +133,11 @@ class Predictor(FoldScorer):
                 table.insert(len(table.columns) - 1, PROB_PREFIX + name, classes[:, j])
         return table
 
-
     # ---- the stacker --------------------------------------------------------------------------------
 
     def predict_table(self, metadata: pd.DataFrame, cnn_scores: pd.DataFrame | None = None,
                       where: str = "test metadata") -> pd.DataFrame:
-        """DataFrame[isic_id, score] from the stacker's fold models on `metadata` (+ `cnn_scores` when the
-        stacker uses CNN features: `score_hdf5(..., per_fold=True)`'s table, the mean `score` and one
-        `score_fold_<k>` per CNN fold; stack fold k scores with CNN fold k's, `tabular.pairing`). Rows whose
-        CNN score is NaN are scored by the tabular-only variant; without one they get the median CNN
-        score, with a warning."""
-        from lesionstack.tabular.features import build_features, fill_unscored
-        from lesionstack.tabular.pairing import fold_cnn_features, fold_score_columns
-        from lesionstack.tabular.stack import predict_stack
-
-        if self._cv is None:
-            raise FileNotFoundError(f"{self.artifacts.cv_json}: no trained stacker in {self.artifacts.root} "
-                                    "(run train-stack first)")
-        if not self.stacker_uses_cnn:
-            return predict_stack(build_features(metadata, None, where=where), self.artifacts)
-        if cnn_scores is None:
-            raise ValueError(f"{self.artifacts.cv_json}: the stacker uses CNN scores; pass cnn_scores")
-        columns = ("score", *fold_score_columns(cnn_scores, f"{where}: cnn_scores").values())
-        bad = ~np.isfinite(cnn_scores[list(columns)].to_numpy(dtype=np.float64)).all(axis=1)
-        if bad.any() and not self.has_tabular_variant:
-            log.warning("%s: the stacker has no tabular-only variant (train_tabular off): %d unscored crop(s) "
-                        "get the median CNN score", self.artifacts.root, int(bad.sum()))
-        # a failed row's own CNN features are never used (tabular-only variant); the median keeps its
-        # patient's features defined
-        filled = fill_unscored(cnn_scores, where, columns)
-        features = build_features(metadata, filled[[ID_COLUMN, "score"]], where=where)
-        main = predict_stack(features, self.artifacts, fold_cnn=fold_cnn_features(metadata, filled, where))
-        if not bad.any() or not self.has_tabular_variant:
-            return main
-        tabular = predict_stack(features, self.artifacts, variant="tabular")
-        failed = set(cnn_scores.loc[bad, ID_COLUMN].astype(str))
-        use_tab = main[ID_COLUMN].isin(failed).to_numpy()
-        log.warning("%d row(s) without a CNN score scored by the tabular-only stacker, e.g. %s",
-                    int(use_tab.sum()), sorted(failed)[:3])
-        return main.assign(score=np.where(use_tab, tabular["score"].to_numpy(), main["score"].to_numpy()))
-
-
+        """DataFrame[isic_id, score] from the stacker's fold models on `metadata` (+ `cnn_scores`:
+        `score_hdf5(..., per_fold=True)`'s table): `inference.stacker.score_table`, the one test-scoring path
+        of `predict`, `run` and the Kaggle kernel."""
+        return score_table(self.artifacts, metadata, cnn_scores, where)

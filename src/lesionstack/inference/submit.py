@@ -68,7 +68,7 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
     tabular-only variant (see `Predictor.predict_table`), and the summary line counts it."""
     from lesionstack.inference.package import check_versions
     from lesionstack.inference.predictor import Predictor
-    from lesionstack.tabular.features import read_drift_warnings
+    from lesionstack.tabular.drift import read_drift_warnings
 
     data, art = DataPaths(data_dir), ArtifactPaths(artifacts_dir)
     if not art.cv_json.is_file():

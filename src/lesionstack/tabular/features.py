@@ -27,18 +27,12 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import polars as pl
 
 from lesionstack.data import schema
-from lesionstack.files import atomic_path, read_json, write_json
-from lesionstack.paths import ArtifactPaths, DataPaths
-from lesionstack.resume import changed_inputs, describe, files_digest, frame_digest
 from lesionstack.tabular.outliers import lof_feature
 
 log = logging.getLogger(__name__)
@@ -52,7 +46,7 @@ PATIENT_NORM_SUFFIX = "_pnorm"
 SITE_NORM_SUFFIX = "_snorm"
 
 # Categorical columns and their fixed vocabularies: code 0 = missing, 1 = other (unseen), then the values.
-_CATEGORICAL_SOURCES = (
+CATEGORICAL_SOURCES = (
     "sex", "anatom_site_general", "tbp_tile_type", "tbp_lv_location", "tbp_lv_location_simple",
     "attribution", "copyright_license",
 )
@@ -64,7 +58,7 @@ def _vocab(values: tuple[str, ...]) -> tuple[str, ...]:
 
 
 CATEGORY_VOCAB: dict[str, tuple[str, ...]] = {
-    c: _vocab(schema.CATEGORY_VALUES[c]) for c in _CATEGORICAL_SOURCES
+    c: _vocab(schema.CATEGORY_VALUES[c]) for c in CATEGORICAL_SOURCES
 } | {
     COMBINED_SITE: _vocab(tuple(
         f"{s}_{loc}" for s, loc in itertools.product(
@@ -75,7 +69,7 @@ CATEGORY_VOCAB: dict[str, tuple[str, ...]] = {
 
 RAW_NUMERIC: tuple[str, ...] = schema.NUMERIC_TEST_COLUMNS
 REQUIRED_COLUMNS: tuple[str, ...] = (
-    schema.ID_COLUMN, schema.PATIENT_COLUMN, *RAW_NUMERIC, *_CATEGORICAL_SOURCES
+    schema.ID_COLUMN, schema.PATIENT_COLUMN, *RAW_NUMERIC, *CATEGORICAL_SOURCES
 )
 
 
@@ -344,174 +338,3 @@ def fill_unscored(scores: pd.DataFrame, where: str, columns: tuple[str, ...] = (
     log.warning("%s: %d crop(s) could not be scored by the CNN (e.g. %s); they get the median CNN score %.4f",
                 where, len(ids), ids[:3], medians[columns[0]])
     return scores.assign(**{c: np.where(bad, m, scores[c]) for c, m in medians.items()})
-
-
-# ---- what the training data looked like: test values the models never saw are named --------------------
-
-FAR_OUTSIDE = 0.5  # a value beyond the training [min, max] by more than this share of (max - min)
-
-
-def training_ranges(metadata: pd.DataFrame) -> dict[str, Any]:
-    """Per raw column of the training metadata: numeric min/max and missing share, categorical values seen.
-    Written beside the features (`ArtifactPaths.features_ranges`) and read by `drift_warnings`."""
-    numeric: dict[str, Any] = {}
-    for col in RAW_NUMERIC:
-        values = pd.to_numeric(metadata[col], errors="coerce").astype(float)
-        ok = values[np.isfinite(values)]
-        numeric[col] = {"min": float(ok.min()) if len(ok) else None, "max": float(ok.max()) if len(ok) else None,
-                        "missing": int(len(values) - len(ok))}
-    categorical = {col: sorted({str(v).strip() for v in metadata[col].dropna() if str(v).strip()})
-                   for col in _CATEGORICAL_SOURCES}
-    return {"rows": len(metadata), "far_outside": FAR_OUTSIDE, "numeric": numeric, "categorical": categorical}
-
-
-def drift_warnings(metadata: pd.DataFrame, ranges: dict[str, Any], where: str) -> list[str]:
-    """One line per column of `metadata` (test) that differs from training in a way that moves scores:
-    absent from the file, all missing, categories never seen in training, values far outside its range."""
-    lines = [f"{where}: column {c!r} is absent: all {len(metadata)} rows are scored as if it were missing"
-             for c in metadata.attrs.get("absent_columns", [])]
-    absent = set(metadata.attrs.get("absent_columns", []))
-    for col, seen in ranges["numeric"].items():
-        if col in absent or col not in metadata.columns:
-            continue
-        values = pd.to_numeric(metadata[col], errors="coerce").astype(float).to_numpy()
-        finite = np.isfinite(values)
-        if not finite.any() and seen["missing"] < ranges["rows"]:
-            lines.append(f"{where}: column {col!r} is missing in all {len(values)} rows (training had values)")
-        elif seen["min"] is not None:
-            span = FAR_OUTSIDE * max(seen["max"] - seen["min"], EPS)
-            far = finite & ((values < seen["min"] - span) | (values > seen["max"] + span))
-            if far.any():
-                lines.append(f"{where}: column {col!r}: {int(far.sum())} row(s) far outside the training range "
-                             f"[{seen['min']:.4g}, {seen['max']:.4g}] (e.g. line {int(np.argmax(far)) + 2}: "
-                             f"{values[np.argmax(far)]:.4g})")
-    for col, seen in ranges["categorical"].items():
-        if col in absent or col not in metadata.columns:
-            continue
-        text = metadata[col].dropna().astype(str).str.strip()
-        new = text[(text != "") & ~text.isin(set(seen))]
-        if len(new):
-            examples = sorted(new.unique())[:3]
-            lines.append(f"{where}: column {col!r}: {len(new)} row(s) hold categories never seen in training "
-                         f"(e.g. {examples}); scored as {OTHER!r}")
-    return lines
-
-
-def read_drift_warnings(metadata: pd.DataFrame, ranges_path: Path, where: str) -> list[str]:
-    """`drift_warnings` against the saved training ranges; none (and one line saying so) if there are none."""
-    if not Path(ranges_path).is_file():
-        return [f"{ranges_path}: no training ranges saved (features built by an older release); "
-                "unseen categories and out-of-range values are not checked"]
-    return drift_warnings(metadata, read_json(ranges_path), where)
-
-
-@dataclass(frozen=True)
-class FeatureTable:
-    kind: str  # train or test
-    path: Path
-    n_rows: int
-    n_features: int
-
-    def __str__(self) -> str:
-        return f"{self.kind}: {self.n_rows} rows x {self.n_features} features -> {self.path}"
-
-
-@dataclass(frozen=True)
-class FeaturesResult:
-    """What the `features` stage wrote (or reused, when its recorded inputs were unchanged)."""
-
-    tables: tuple[FeatureTable, ...]
-    with_cnn: bool
-    reused: bool
-    warnings: tuple[str, ...] = ()  # test columns unlike training's (`drift_warnings`), also logged
-
-    def __str__(self) -> str:
-        note = " (with CNN scores)" if self.with_cnn else ""
-        note += " (unchanged inputs: reused)" if self.reused else ""
-        drift = [f"{len(self.warnings)} drift warning(s)"] if self.warnings else []
-        return "; ".join([*(f"{t}{note}" for t in self.tables), *drift])
-
-
-def features_stage(data: DataPaths, art: ArtifactPaths, use_cnn: bool = True) -> FeaturesResult:
-    """The `features` stage: train (and test, when present) feature tables under the artifacts root.
-
-    CNN scores join when `use_cnn` and `oof_cnn.parquet` exists (test: `test_cnn.parquet`, whose per-fold
-    scores also give `features/test_folds.parquet`, the test CNN features of each fold model). Contract:
-    recomputed on any change. `features/inputs.json` records digests of what the tables were built from
-    (metadata values, CNN scores, this module's code); when they all match and the tables exist, the
-    tables are reused, otherwise rebuilt and the log names what changed.
-    """
-    from lesionstack.data.metadata import read_metadata
-    from lesionstack.tabular import outliers, pairing
-
-    jobs = [("train", data.train_metadata, art.oof_cnn, art.features_train)]
-    if data.test_metadata.is_file():
-        jobs.append(("test", data.test_metadata, art.test_cnn, art.features_test))
-    with_cnn = use_cnn and art.oof_cnn.is_file()
-    code = files_digest([Path(__file__), Path(schema.__file__), Path(pairing.__file__), Path(outliers.__file__)])
-    inputs: dict[str, object] = {"with_cnn": with_cnn, "code": code}
-    sources = []
-    for kind, meta_path, cnn_path, target in jobs:
-        if with_cnn and not cnn_path.is_file():
-            raise FeatureError(f"{cnn_path}: CNN scores missing (the train table uses {art.oof_cnn}); "
-                               "run train-cnn to the end, or pass --no-cnn")
-        meta = read_metadata(meta_path, kind=kind)
-        scores = _read_scores(cnn_path, kind) if with_cnn else None
-        inputs[f"{kind}_metadata"] = frame_digest(meta)
-        inputs[f"{kind}_cnn_scores"] = frame_digest(scores) if scores is not None else None
-        sources.append((kind, meta_path, meta, cnn_path, scores, target))
-    record = art.features.inputs
-    before = read_json(record) if record.is_file() else {}
-    diff = changed_inputs(inputs, before)
-    outputs = [*(src[-1] for src in sources), art.features_ranges]
-    outputs += [art.features_test_folds] if with_cnn and len(sources) > 1 else []
-    reuse = not diff and all(p.is_file() for p in outputs)
-    if not reuse:
-        if before:
-            log.info("rebuilding the feature tables: %s", describe(diff))
-        record.unlink(missing_ok=True)  # tables and record are replaced together: the record comes last
-        for kind, meta_path, meta, cnn_path, scores, target in sources:
-            _write_table(kind, meta_path, meta, cnn_path, scores, target, art)
-        write_json(record, inputs)
-    # test values the models never saw are named on every run, reused tables or not
-    warnings = tuple(line for kind, meta_path, meta, *_ in sources if kind == "test"
-                     for line in read_drift_warnings(meta, art.features_ranges, str(meta_path)))
-    for line in warnings:
-        log.warning(line)
-    tables = tuple(_table_summary(kind, target) for kind, *_, target in sources)
-    return FeaturesResult(tables, with_cnn, reused=reuse, warnings=warnings)
-
-
-def _read_scores(cnn_path: Path, kind: str) -> pd.DataFrame:
-    """oof_cnn's (isic_id, score); test_cnn's mean score and each fold model's (refused without them)."""
-    from lesionstack.tabular import pairing
-
-    scores = pd.read_parquet(cnn_path)
-    folds = list(pairing.fold_score_columns(scores, str(cnn_path)).values()) if kind == "test" else []
-    return scores[[schema.ID_COLUMN, "score", *folds]]
-
-
-def _write_table(kind: str, meta_path: Path, meta: pd.DataFrame, cnn_path: Path, scores: pd.DataFrame | None,
-                 target: Path, art: ArtifactPaths) -> None:
-    """One feature table; the training one also records its ranges (`training_ranges`); the test one, with
-    CNN scores, also the CNN features of each fold model's scores (`features_test_folds`, for pairing)."""
-    from lesionstack.tabular import pairing
-
-    if scores is not None and kind == "test":
-        scores = fill_unscored(scores, str(cnn_path), columns=tuple(c for c in scores if c != schema.ID_COLUMN))
-        folds = pairing.fold_cnn_features(meta, scores, str(cnn_path))
-        with atomic_path(art.features_test_folds) as tmp:
-            folds.to_parquet(tmp, index=False)
-    table = build_features(meta, scores[[schema.ID_COLUMN, "score"]] if scores is not None else None,
-                           where=str(meta_path))
-    if kind == "train":
-        write_json(art.features_ranges, training_ranges(meta))
-    with atomic_path(target) as tmp:
-        table.to_parquet(tmp, index=False)
-
-
-def _table_summary(kind: str, path: Path) -> FeatureTable:
-    import pyarrow.parquet as pq
-
-    meta = pq.ParquetFile(path).metadata  # the footer only: no need to read the table back
-    return FeatureTable(kind, path, meta.num_rows, meta.num_columns - 1)

@@ -26,10 +26,11 @@ from lesionstack.folds import read_folds
 from lesionstack.metrics import optuna_objective_value, pauc
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import Resume, guard
+from lesionstack.tabular.estimator import estimator
 from lesionstack.tabular.features import CNN_PREFIX
 from lesionstack.tabular.gbdt import family
 from lesionstack.tabular.outliers import LOF_COLUMN
-from lesionstack.tabular.stack import align_features, estimator, tuning_inputs, with_params
+from lesionstack.tabular.stack import align_features, tuning_inputs, with_params
 from lesionstack.tabular.stack_config import TUNE_IGNORE, StackConfig, StackError
 
 log = logging.getLogger(__name__)

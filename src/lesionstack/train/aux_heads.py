@@ -35,7 +35,7 @@ from lesionstack.data.schema import ID_COLUMN
 from lesionstack.resume import frame_digest
 
 if TYPE_CHECKING:
-    from lesionstack.train.cnn import LossFn
+    from lesionstack.train.loop import LossFn
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,12 @@ are done: `diagnosis/oof.parquet` (one probability column per class) and `diagno
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import os
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -38,17 +37,9 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from lesionstack.config import ConfigError
-from lesionstack.data.augment import augment_batch
 from lesionstack.data.dataset import CropDataset, check_corrupt, training_crops
-from lesionstack.data.diagnosis import (
-    CLASS_COLUMN,
-    LABEL_COLUMN,
-    PROB_PREFIX,
-    DiagnosisData,
-    diagnosis_folds,
-    read_diagnosis,
-    read_task3,
-)
+from lesionstack.data.diagnosis import CLASS_COLUMN, LABEL_COLUMN, PROB_PREFIX, DiagnosisData, diagnosis_folds
+from lesionstack.data.diagnosis_layouts import read_diagnosis, read_task3
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import folds_digest
@@ -60,13 +51,24 @@ from lesionstack.metrics import (
     per_class_sensitivity,
     per_class_specificity,
 )
-from lesionstack.models import build_model, param_groups
-from lesionstack.paths import ArtifactPaths, FoldFiles
+from lesionstack.models import build_model
+from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 from lesionstack.resume import Resume, guard
-from lesionstack.runtime import RunSettings, Runtime, adamw, make_loader, model_logits, seed_everything
-from lesionstack.train.cnn import optimiser_step, resume, save_torch, warmup_cosine
+from lesionstack.runtime import RunSettings, Runtime, make_loader, model_logits, save_weights, seed_everything
 from lesionstack.train.cnn_config import RUNTIME_KEYS
 from lesionstack.train.diagnosis_config import DiagnosisConfig
+from lesionstack.train.loop import (
+    FoldState,
+    checkpoint_dict,
+    epoch_generator,
+    finish,
+    keep,
+    make_optimiser,
+    resume,
+    run_epochs,
+    save_torch,
+    train_epoch,
+)
 from lesionstack.trained.loaders import load_diagnosis_fold
 
 log = logging.getLogger(__name__)
@@ -122,15 +124,6 @@ def _softmax(logits: np.ndarray) -> np.ndarray:
 # ---- one fold -----------------------------------------------------------------------------------------
 
 
-@dataclass
-class FoldState:
-    epoch: int = 0  # epochs completed
-    best_score: float = -1.0  # validation balanced accuracy of the kept weights
-    best_epoch: int = 0
-    bad_rounds: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)
-
-
 def _runtime(cfg: DiagnosisConfig) -> Runtime:
     if cfg.cpu_threads > 0:
         torch.set_num_threads(cfg.cpu_threads)
@@ -160,8 +153,9 @@ def predict_proba(model: nn.Module, dataset: CropDataset, rt: Runtime, tta: bool
 
 def train_fold(fold: int, data: DiagnosisData, folds: pd.DataFrame, cfg: DiagnosisConfig, files: FoldFiles,
                rt: Runtime) -> dict[str, Any]:
-    """Train (or resume, or skip) one fold; returns its metrics.json content. `resume.guard` refuses a
-    finished or checkpointed fold made by another config, other folds or other classes."""
+    """Train (or resume, or skip) one fold through the shared loop (`train.loop`); returns its metrics.json
+    content. `resume.guard` refuses a finished or checkpointed fold made by another config, other folds or
+    other classes."""
     inputs = {"folds": folds_digest(folds), "classes": list(data.classes)}
     if guard(files, cfg, inputs, ignore=RUNTIME_KEYS) is Resume.SKIP:
         log.info("diagnosis fold %d: already done, skipped (%s)", fold, files.done)
@@ -177,61 +171,44 @@ def train_fold(fold: int, data: DiagnosisData, folds: pd.DataFrame, cfg: Diagnos
     model = rt.place(build_model(cfg.model, num_classes=k))
     loader = make_loader(train_ds, rt, sampler=sampler, batch_size=cfg.batch_size,
                          drop_last=len(sampler) > cfg.batch_size)
-    opt = adamw(param_groups(model, cfg.lr, cfg.weight_decay), cfg.lr, cfg.weight_decay)
-    steps = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(steps * cfg.epochs, int(cfg.warmup_epochs * steps), cfg.min_lr_ratio))
+    opt, sched, scaler = make_optimiser(model, cfg.lr, cfg.weight_decay, len(loader), cfg.epochs,
+                                        cfg.warmup_epochs, cfg.min_lr_ratio, rt)
     weights = class_weights(y[train], k).to(rt.device) if cfg.balance == "weights" else None
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)  # fp16 GPUs only
-    state = resume(files, model, opt, sched, scaler, fold, FoldState, "diagnosis fold")
-    for epoch in range(state.epoch, cfg.epochs):
+    state = resume(files, model, opt, sched, scaler, fold, "diagnosis fold")
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits, labels.long(), weight=weights, label_smoothing=cfg.label_smoothing)
+
+    def stop(state: FoldState) -> bool:
         if cfg.keep == "best" and state.bad_rounds >= cfg.patience:
             log.info("diagnosis fold %d: no better balanced accuracy in %d epochs, stopping", fold, cfg.patience)
-            break
-        seed_everything(cfg.seed, fold, epoch)  # a resumed epoch repeats the lost one exactly
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+            return True
+        return False
+
+    def one_epoch(epoch: int) -> dict[str, Any]:
+        gen = epoch_generator(cfg.seed, fold, epoch)  # a resumed epoch repeats the lost one exactly
         sampler.set_epoch(epoch)
-        desc = f"fold {fold} epoch {epoch + 1}"
-        row = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"],
-               **_train_epoch(model, loader, train_ds, (opt, sched, scaler), cfg, weights, rt, gen, desc)}
+        row: dict[str, Any] = {"epoch": epoch + 1, "lr": opt.param_groups[0]["lr"]}
+        train_loss, ips = train_epoch(model, loader, train_ds, opt, sched, scaler, rt, cfg.augment, gen,
+                                      f"fold {fold} epoch {epoch + 1}", loss)
+        row.update(train_loss=train_loss, images_per_s=ips)
         probs = predict_proba(model, val_ds, rt, tta=False, desc=f"fold {fold} val")
         row.update(_val_scores(probs, val_ds.labels.astype(np.int64), k))
         _keep(state, row, model, files, cfg.keep)
-        state.history.append(row)
-        state.epoch = epoch + 1
+        return row
+
+    def end_epoch(state: FoldState, row: dict[str, Any]) -> None:
         log.info("diagnosis fold %d epoch %d: train_loss %.4f val_loss %.4f balanced acc %.4f (kept %.4f, epoch %d)",
                  fold, row["epoch"], row["train_loss"], row["val_loss"], row["val_balanced_accuracy"],
                  state.best_score, state.best_epoch)
         # (no RNG state: every epoch reseeds from (seed, fold, epoch))
-        save_torch({"model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                    "scaler": scaler.state_dict(), "state": dataclasses.asdict(state)}, files.checkpoint)
+        save_torch(checkpoint_dict(model, opt, sched, scaler, state, rng=False), files.checkpoint)
+
+    run_epochs(state, cfg.epochs, one_epoch, stop, end_epoch)
     metrics = {"epochs": state.history, "best_epoch": state.best_epoch, "best_balanced_accuracy": state.best_score,
                "n_train": int(train.sum()), "n_val": int(val.sum()), "classes": list(data.classes)}
-    write_json(files.metrics, metrics)
-    write_text(files.done, f"best_epoch {state.best_epoch} balanced_accuracy {state.best_score:.6f}\n")
-    files.checkpoint.unlink(missing_ok=True)
-    return metrics
-
-
-def _train_epoch(model: nn.Module, loader: Any, dataset: CropDataset, optimisers: tuple[Any, Any, Any],
-                 cfg: DiagnosisConfig, weights: torch.Tensor | None, rt: Runtime, gen: torch.Generator, desc: str
-                 ) -> dict[str, float]:
-    opt, sched, scaler = optimisers
-    model.train()
-    total, count, start = 0.0, 0, time.perf_counter()
-    for batch in rt.bar(loader, desc):
-        check_corrupt(batch, dataset, cfg.skip_corrupt)
-        if len(batch.labels) < 2:  # BatchNorm cannot train on one image
-            continue
-        x = rt.finish(augment_batch(rt.prepare(batch.images), cfg.augment, gen))
-        y = batch.labels.to(rt.device).long()
-        with rt.autocast():
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, weight=weights, label_smoothing=cfg.label_smoothing)
-        optimiser_step(loss, opt, sched, scaler)
-        total += float(loss.detach()) * len(y)
-        count += len(y)
-    return {"train_loss": total / max(count, 1), "images_per_s": count / (time.perf_counter() - start)}
+    return finish(files, metrics, f"best_epoch {state.best_epoch} balanced_accuracy {state.best_score:.6f}\n",
+                  rt.ctx)
 
 
 def _val_scores(probs: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
@@ -241,16 +218,11 @@ def _val_scores(probs: np.ndarray, y: np.ndarray, k: int) -> dict[str, float]:
     return {"val_loss": loss, "val_balanced_accuracy": balanced_accuracy(t, p.argmax(1), k)}
 
 
-def _keep(state: FoldState, row: dict[str, Any], model: nn.Module, files: FoldFiles, keep: str) -> None:
-    """Save the weights the fold will be scored with: the best so far, or (keep: last) every epoch's."""
-    from safetensors.torch import save_file
-
-    better = row["val_balanced_accuracy"] > state.best_score
-    if better or keep == "last":
-        state.best_score, state.best_epoch = row["val_balanced_accuracy"], row["epoch"]
-        with atomic_path(files.safetensors) as tmp:
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    state.bad_rounds = 0 if better else state.bad_rounds + 1
+def _keep(state: FoldState, row: dict[str, Any], model: nn.Module, files: FoldFiles, keep_rule: str) -> None:
+    """Save the weights the fold will be scored with (`loop.keep`): the best so far, or (keep: last) every
+    epoch's."""
+    if keep(state, row["val_balanced_accuracy"], row["epoch"], keep_rule == "last"):
+        save_weights(model, files.safetensors)
 
 
 # ---- out-of-fold scores -------------------------------------------------------------------------------
@@ -346,3 +318,41 @@ def train_diagnosis(data_dir: str | os.PathLike[str], cfg: DiagnosisConfig, out:
         else:
             summary.update(write_oof(data, folds, cfg, art, rt))
     return summary
+
+
+@dataclass(frozen=True)
+class DiagnosisFoldResult:
+    fold: int
+    balanced_accuracy: float  # of the kept epoch, on the fold's validation rows
+    epoch: int
+
+    def __str__(self) -> str:
+        return f"fold {self.fold}: balanced accuracy {self.balanced_accuracy:.4f} (epoch {self.epoch})"
+
+
+@dataclass(frozen=True)
+class DiagnosisResult:
+    """What `train-diagnosis` made: each fold's kept epoch; the OOF figures once every fold is done."""
+
+    folds: tuple[DiagnosisFoldResult, ...]
+    root: Path
+    balanced_accuracy: float | None = None
+    macro_auc: float | None = None
+    n: int | None = None
+
+    def __str__(self) -> str:
+        lines = [str(f) for f in self.folds]
+        if self.balanced_accuracy is not None:
+            lines.append(f"OOF balanced accuracy {self.balanced_accuracy:.4f}, macro AUC {self.macro_auc:.4f} over "
+                         f"{self.n} images; wrote {self.root}/diagnosis/oof.parquet and cv.json")
+        return "\n".join(lines)
+
+
+def diagnosis_stage(data: DataPaths, art: ArtifactPaths, cfg: DiagnosisConfig, *,
+                    folds_only: Sequence[int] | None = None) -> DiagnosisResult:
+    """The `train-diagnosis` stage on the data folder `data` (any layout): see `train_diagnosis`."""
+    summary = train_diagnosis(data.root, cfg, art.root, folds_only)
+    folds = tuple(DiagnosisFoldResult(int(k), m["best_balanced_accuracy"], m["best_epoch"])
+                  for k, m in summary["folds"].items())
+    return DiagnosisResult(folds, art.root, summary.get("balanced_accuracy"), summary.get("macro_auc"),
+                           summary.get("n"))

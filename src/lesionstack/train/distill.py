@@ -1,7 +1,7 @@
 """Distil the stacker (image + metadata + patient context) into an image-only student, per fold.
 
 The student is any timm classifier (default `mobilenetv3_small_100`, no segmenter), trained by the CNN
-stage's own fold loop (`train.cnn.train_fold`) on the same fold file, with the loss
+stage's own fold loop (`train.cnn_fold.train_fold`) on the same fold file, with the loss
 
     alpha * BCE(s, label) + (1 - alpha) * T^2 * BCE(s / T, sigmoid(t / T))
 
@@ -31,6 +31,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,18 +53,15 @@ from lesionstack.metrics import pauc, roc_auc
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 from lesionstack.resume import record_or_check_inputs
 from lesionstack.runtime import RunSettings, Runtime, init_distributed, predict_logits, sigmoid
+from lesionstack.tabular.blend import blend, fit_blend_weights
+from lesionstack.tabular.estimator import estimator
 from lesionstack.tabular.features import CNN_PREFIX
-from lesionstack.tabular.stack import (
-    align_features,
-    apply_tuned_params,
-    blend,
-    estimator,
-    fit_blend_weights,
-    tuning_inputs,
-)
+from lesionstack.tabular.stack import align_features, apply_tuned_params, tuning_inputs
 from lesionstack.tabular.stack_config import StackConfig
-from lesionstack.train.cnn import LossFn, check_oof, train_fold
+from lesionstack.train.cnn_fold import train_fold
+from lesionstack.train.cnn_scores import check_oof
 from lesionstack.train.distill_config import DistillConfig, TeacherConfig
+from lesionstack.train.loop import LossFn
 from lesionstack.trained.loaders import load_student
 
 log = logging.getLogger(__name__)
@@ -301,3 +299,41 @@ def fold_spread(folds: pd.DataFrame, oof: pd.DataFrame, column: str = "score") -
     per_fold = [pauc(y[merged["fold"] == k], s[merged["fold"] == k]) for k in sorted(merged["fold"].unique())]
     return {"oof_pauc": pauc(y, s), "oof_auc": roc_auc(y, s), "fold_pauc": per_fold,
             "fold_pauc_mean": float(np.mean(per_fold)), "fold_pauc_std": float(np.std(per_fold))}
+
+
+@dataclass(frozen=True)
+class StudentFoldResult:
+    fold: int
+    kept_epoch: int
+    pauc: float  # the kept epoch's validation pAUC
+
+    def __str__(self) -> str:
+        return f"fold {self.fold}: kept epoch {self.kept_epoch}: pAUC {self.pauc:.4f}"
+
+
+@dataclass(frozen=True)
+class DistillResult:
+    """What `distill` made: each student fold's kept epoch; the OOF figures once every fold is done."""
+
+    name: str
+    folds: tuple[StudentFoldResult, ...]
+    out: Path  # the student's folder
+    oof_pauc: float | None = None
+    fold_pauc_mean: float | None = None
+    fold_pauc_std: float | None = None
+
+    def __str__(self) -> str:
+        lines = [str(f) for f in self.folds]
+        if self.oof_pauc is not None:
+            lines.append(f"student {self.name}: OOF pAUC {self.oof_pauc:.4f} (folds {self.fold_pauc_mean:.4f} "
+                         f"+- {self.fold_pauc_std:.4f}) -> {self.out}")
+        return "\n".join(lines)
+
+
+def distill_stage(data: DataPaths, art: ArtifactPaths, cfg: DistillConfig, *, name: str = "default",
+                  folds_only: Sequence[int] | None = None) -> DistillResult:
+    """The `distill` stage: student NAME on the run's fold file (`art.folds`); see `distill`."""
+    summary = distill(data.root, art.root, cfg, name=name, folds_only=folds_only)
+    folds = tuple(StudentFoldResult(int(k), m["best_epoch"], m["best_pauc"]) for k, m in summary["folds"].items())
+    return DistillResult(name, folds, art.distill_dir(name), summary.get("oof_pauc"),
+                         summary.get("fold_pauc_mean"), summary.get("fold_pauc_std"))

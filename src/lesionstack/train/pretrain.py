@@ -70,8 +70,8 @@ def pretrain_files(art: ArtifactPaths) -> FoldFiles:
 
 def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path:
     """Train `cfg.model` on `cfg.archive` (or reuse a finished pretraining); return its weights file."""
-    from lesionstack.train.cnn import train_epoch, warmup_cosine
     from lesionstack.train.cnn_config import PROVENANCE_KEYS, RUNTIME_KEYS
+    from lesionstack.train.loop import train_epoch, warmup_cosine
 
     assert cfg.archive is not None
     if not cfg.archive.dir:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -94,3 +95,38 @@ def evaluate_phone(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
               **{kind: fold_spread(folds, pd.concat(parts)) for kind, parts in scores.items()}}
     write_json(art.robustness_file(f"{model}.json"), result)
     return result
+
+
+@dataclass(frozen=True)
+class Spread:
+    """OOF pAUC and the per-fold pAUC's mean and std of one set of scores."""
+
+    oof_pauc: float
+    fold_pauc_mean: float
+    fold_pauc_std: float
+
+    def __str__(self) -> str:
+        return f"OOF pAUC {self.oof_pauc:.4f} (folds {self.fold_pauc_mean:.4f} +- {self.fold_pauc_std:.4f})"
+
+
+@dataclass(frozen=True)
+class PhoneResult:
+    """What `phone-eval` measured: the image model on its clean and its phone-degraded validation crops."""
+
+    model: str
+    clean: Spread
+    degraded: Spread
+    path: Path  # ARTIFACTS/robustness/MODEL.json
+
+    def __str__(self) -> str:
+        return (f"{self.model} {'clean':8s}: {self.clean}\n{self.model} {'degraded':8s}: {self.degraded}\n"
+                f"-> {self.path}")
+
+
+def phone_stage(data: DataPaths, art: ArtifactPaths, phone: PhoneConfig | None = None, *, model: str = "cnn",
+                seed: int = 0, progress: bool = True) -> PhoneResult:
+    """The `phone-eval` stage: see `evaluate_phone`."""
+    r = evaluate_phone(data.root, art.root, model=model, phone=phone, seed=seed, progress=progress)
+    spreads = {kind: Spread(r[kind]["oof_pauc"], r[kind]["fold_pauc_mean"], r[kind]["fold_pauc_std"])
+               for kind in ("clean", "degraded")}
+    return PhoneResult(model, spreads["clean"], spreads["degraded"], art.robustness_file(f"{model}.json"))
