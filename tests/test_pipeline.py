@@ -158,7 +158,7 @@ def test_every_predicting_path_pairs_stack_fold_k_with_cnn_fold_k(trained, tiny_
     shift = json.loads(art.score_shift.read_text())
     assert set(shift["features"]) == {c for c in test.columns if c.startswith("cnn_")}
     assert shift["features"]["cnn_score"]["test_paired"]["n"] == 2 * len(test)
-    assert "Train vs test score scale" in art.report_html.read_text()
+    assert "Do test scores look like training scores?" in art.report_html.read_text()
 
 
 
