@@ -83,7 +83,7 @@ def write_bundle(root: Path, classifier: str, image_size: int) -> None:
     from lesionstack.models import ModelConfig, build_model
     from lesionstack.paths import ArtifactPaths
     from lesionstack.runtime import save_weights
-    from lesionstack.train.cnn import CNNConfig
+    from lesionstack.train.cnn_config import CNNConfig
 
     files = ArtifactPaths(root).cnn_fold(0)
     if files.done.is_file():
