@@ -383,6 +383,26 @@ def test_every_relative_link_and_anchor_exists(page):
     assert link_problems(page) == []
 
 
+SOURCE = re.compile(r"(?<![\w/.-])([\w/.-]+\.(?:py|sh))(?![\w-])")
+SOURCE_ROOTS = ("src/lesionstack", "benchmarks", "tests", "kaggle")
+
+
+def source_problems(text: str, where: str) -> list[str]:
+    """Source files (`x/y.py`, `y.py`, `benchmarks/z.sh`) named in inline code that the repository lacks."""
+    out = []
+    for m in _inline_spans(split_code(text)[1]):
+        for path in SOURCE.findall(m.group(1)) if "://" not in m.group(1) else []:
+            bare = "/" not in path and any(next((REPO / r).rglob(path), None) for r in SOURCE_ROOTS)
+            if not bare and not any((REPO / root / path).exists() for root in ("", "src/lesionstack", "src")):
+                out.append(f"{where}: no source file {path}")
+    return out
+
+
+@pytest.mark.parametrize("page", DOCS, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_source_file_the_docs_name_exists(page):
+    assert source_problems(page.read_text(), str(page.relative_to(REPO))) == []
+
+
 def test_the_checker_finds_what_does_not_exist():
     """The checks can fail: each kind of wrong name is reported, and the right ones are not."""
     bad = """
@@ -409,6 +429,11 @@ cnn:
                      "bad.md:8: no config key `keep_it` (in `keep_it: ...`)"]
     good = "`lesionstack folds DATA --n-folds 5 --force`, `--fp16`, `cnn.model.gate`, `keep: last`, `stack.py`"
     assert problems(good, "good.md") == []
+
+
+def test_the_source_check_finds_a_moved_module():
+    text = "`train/cnn_config.py`, `tabular/gbdt.py::FAMILIES`, `pipeline.py`, `bench_data.py`, `train/gone.py`"
+    assert source_problems(text, "m.md") == ["m.md: no source file train/gone.py"]
 
 
 def test_an_old_option_spelling_is_named_with_todays():
