@@ -333,6 +333,11 @@ class ArtifactPaths:
         return self.root / "run.json"
 
     @property
+    def provenance(self) -> Path:
+        """`lesionstack run`'s record for the report: library versions, code commit, each stage's seconds."""
+        return self.root / "provenance.json"
+
+    @property
     def versions(self) -> Path:
         """Library versions the trained models were made with (written by `package`)."""
         return self.root / VERSIONS

@@ -91,28 +91,53 @@ def run(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: RunC
     if not checked:
         check_run(data, art, cfg)
     _record_run(cfg, data, art, finished=False)
-    _step(1, "folds", lambda: folds_stage(data, art, cfg.folds))
-    seg = _step(2, "segmenter", lambda: _segmenter(cfg, data, art))
+    art.root.mkdir(parents=True, exist_ok=True)
+    write_json(art.provenance, _provenance())  # this attempt's; a resumed stage's seconds are its reuse
+    times: dict[str, float] = {}  # each stage's seconds, recorded in provenance.json for the report
+    _step(1, "folds", lambda: folds_stage(data, art, cfg.folds), art, times)
+    seg = _step(2, "segmenter", lambda: _segmenter(cfg, data, art), art, times)
     cnn_cfg = cnn_config_with(cfg.cnn, seg)
-    _step(3, "cnn", lambda: _cnn(data, art, cnn_cfg))
-    _step(4, "features", lambda: _features(data, art))
-    _step(5, "tune", lambda: _tune(cfg, art))
-    stack = _step(6, "stack", lambda: _stack(cfg, art))
-    _step(7, "predict", lambda: _predict(data, art))
-    _step(8, "diagnosis", lambda: _diagnosis(cfg, data, art))
-    _step(9, "report", lambda: _report(cfg, data, art))
+    _step(3, "cnn", lambda: _cnn(data, art, cnn_cfg), art, times)
+    _step(4, "features", lambda: _features(data, art), art, times)
+    _step(5, "tune", lambda: _tune(cfg, art), art, times)
+    stack = _step(6, "stack", lambda: _stack(cfg, art), art, times)
+    _step(7, "predict", lambda: _predict(data, art), art, times)
+    _step(8, "diagnosis", lambda: _diagnosis(cfg, data, art), art, times)
+    _step(9, "report", lambda: _report(cfg, data, art), art, times)
     summary = _summary(data, art, stack)
     _record_run(cfg, data, art, finished=True)
     write_json(art.run_summary, _relative_paths(summary, art.root))
     return summary
 
 
-def _step(i: int, name: str, fn: Callable[[], R]) -> R:
+def _step(i: int, name: str, fn: Callable[[], R], art: ArtifactPaths, times: dict[str, float]) -> R:
     log.info("[%d/%d] %s ...", i, N_STEPS, name)
     start = time.perf_counter()
     result = fn()
-    log.info("[%d/%d] %s: %s (%.0f s)", i, N_STEPS, name, result, time.perf_counter() - start)
+    times[name] = round(time.perf_counter() - start, 1)
+    log.info("[%d/%d] %s: %s (%.0f s)", i, N_STEPS, name, result, times[name])
+    if art.provenance.is_file():  # before the report step too, so the report shows the stages so far
+        write_json(art.provenance, {**read_json(art.provenance), "stage_seconds": times})
     return result
+
+
+def _provenance() -> dict[str, Any]:
+    """What made this run: package version, the source's git commit (when it is a checkout), Python, libraries."""
+    import platform
+    import subprocess
+
+    from lesionstack import __version__
+    from lesionstack.inference.package import library_versions
+
+    src = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(src), "describe", "--always", "--dirty"], capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None  # an installed wheel, or no git
+    return {"lesionstack": __version__, "commit": commit, "python": platform.python_version(),
+            "platform": platform.platform(), "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+            "libraries": library_versions()}
 
 
 def _relative_paths(summary: dict[str, Any], root: Path) -> dict[str, Any]:

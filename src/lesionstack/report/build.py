@@ -11,11 +11,11 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lesionstack.config import load_config, save_config
+from lesionstack.config import load_config, read_config_dict, save_config
 from lesionstack.files import read_json, write_text
 from lesionstack.metrics import PAUC_CONSTANT, pauc, roc_auc
 from lesionstack.paths import ArtifactPaths, DataPaths, ReportFiles
-from lesionstack.report import figures, montage, stats
+from lesionstack.report import figures, montage, research, stats
 from lesionstack.report import html as h
 from lesionstack.report.diagnosis import diagnosis_section, has_diagnosis
 from lesionstack.report.inputs import MODEL_COLUMNS, MODEL_LABELS, ReportInputs, load_inputs, selection_caveat
@@ -30,6 +30,8 @@ class ReportConfig:
     specificity_target: float = 0.95
     sensitivity_target: float = 0.95
     n_bootstrap: int = 500  # per model; about 15-60 ms each on the real 401k rows (2 CPU cores)
+    subgroup_bootstrap: int = 200  # per subgroup level (sex, age band, site, institution, tile type)
+    prevalence: float = 0.001  # PPV and NPV are stated at this share of malignant lesions (real data: 0.1%)
     ci_level: float = 0.95
     seed: int = 0
     top_features: int = 30
@@ -59,16 +61,28 @@ def write_report(
     out = Path(out_dir) if out_dir is not None else inputs.paths.report_dir
     out.mkdir(parents=True, exist_ok=True)
     sections = [_summary, _roc_section, _table_section, _operating_section, _calibration_section,
-                _importance_section, _image_section, _demo_section, _distill_section]
+                _importance_section, _image_section, _demo_section, _distill_section, _research_sections]
     body = [s(inputs, cfg, out) for s in tqdm(sections, desc="report", leave=False)]
-    body.append(diagnosis_section(inputs.paths, cfg, out, number=8))
+    body.append(diagnosis_section(inputs.paths, cfg, out))
     body.insert(0, _notes_section(inputs))  # last: sections add notes while they render
+    body.insert(0, research.synthetic_banner(inputs))  # the first screen says when the data are made up
     files = ReportFiles(out)
     save_config(cfg, files.config)
     meta = f"Artifacts: {inputs.paths.root.resolve()} · written {dt.datetime.now():%Y-%m-%d %H:%M}"
     page = files.page
     write_text(page, h.page("lesionstack evaluation report", meta, body))
     return page
+
+
+def _research_sections(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
+    """For researchers: institution folds, subgroups, misses by diagnosis, the submission, provenance."""
+    frame = research.with_metadata(inputs)
+    return "".join([
+        research.institution_section(inputs, cfg.subgroup_bootstrap, cfg.ci_level, cfg.seed),
+        research.subgroup_section(frame, cfg.subgroup_bootstrap, cfg.ci_level, cfg.seed),
+        research.misses_section(frame, cfg.stated_sensitivity),
+        research.submission_section(inputs, out, cfg.dpi),
+        research.provenance_section(inputs)])
 
 
 def _write_diagnosis_page(paths: ArtifactPaths, cfg: ReportConfig, out: Path) -> Path:
@@ -114,14 +128,14 @@ def _roc_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
                       "OOF curve. Shaded: the pAUC region (sensitivity ≥ 80%), whose area is the metric.")]
     if missing:
         parts.append(h.note(f"Not in the OOF file, so not drawn: {', '.join(missing)}."))
-    return h.section("1. ROC curves", *parts)
+    return h.section("ROC curves", *parts)
 
 
 def _table_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     cv, oof = inputs.cv, inputs.oof
     columns = {m: MODEL_COLUMNS[m] for m in inputs.models}
     if not columns:
-        return h.section("2. Cross-validation", h.note("cv.json names no model that oof_stack.parquet scores."))
+        return h.section("Cross-validation", h.note("cv.json names no model that oof_stack.parquet scores."))
     inputs.notes.extend(stats.cv_mismatches(oof, cv, columns))
     groups = oof["patient_id"].to_numpy() if "patient_id" in oof else None
     cis = {m: stats.bootstrap_ci(oof["target"], oof[col], groups, cfg.n_bootstrap, cfg.ci_level, cfg.seed)
@@ -138,7 +152,8 @@ def _table_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
         f"Per-fold values, mean and std are cv.json's. The interval is a percentile bootstrap of the pooled OOF "
         f"score over {first.n_resamples} resamples of whole {first.unit} (seed {cfg.seed}): a patient's lesions share "
         "a skin type and a camera, so resampling lesions would understate the uncertainty."))
-    return h.section("2. Cross-validation", *parts, *_shift_part(inputs))
+    parts.append(research.top15_table(inputs))
+    return h.section("Cross-validation", *parts, *_shift_part(inputs))
 
 
 def _shift_part(inputs: ReportInputs) -> list[str]:
@@ -161,26 +176,54 @@ def _blend_rows(columns: dict[str, str]) -> list[int]:
 
 
 def _operating_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
-    oof = inputs.oof
-    rows = []
+    oof, prev = inputs.oof, cfg.prevalence
+    spec_rows, sens_rows = [], []
     for m in inputs.oof_models:
-        op = stats.operating_points(oof["target"], oof[MODEL_COLUMNS[m]], cfg.specificity_target,
-                                    cfg.sensitivity_target)
-        rows.append([MODEL_LABELS[m], f"{op.sens_at_spec:.1%}", f"{op.threshold_at_spec:.4g}",
-                     f"{op.spec_at_sens:.1%}", f"{op.threshold_at_sens:.4g}"])
-    header = ["Model", f"Sensitivity at {cfg.specificity_target:.0%} specificity", "at score ≥",
-              f"Specificity at {cfg.sensitivity_target:.0%} sensitivity", "at score ≥"]
+        score = oof[MODEL_COLUMNS[m]]
+        op = stats.operating_points(oof["target"], score, cfg.specificity_target, cfg.sensitivity_target)
+        spec = 1 - float((score[oof["target"] == 0] >= op.threshold_at_spec).mean())
+        sens = float((score[oof["target"] == 1] >= op.threshold_at_sens).mean())
+        spec_rows.append(_operating_row(inputs, m, op.sens_at_spec, spec, op.threshold_at_spec, prev))
+        sens_rows.append(_operating_row(inputs, m, sens, op.spec_at_sens, op.threshold_at_sens, prev))
+    header = ["Model", "sensitivity", "specificity", "probability threshold", "lesions flagged (rank threshold)",
+              f"PPV at {prev:.2%} prevalence", f"NPV at {prev:.2%} prevalence"]
+    hl = _blend_rows(dict.fromkeys(inputs.oof_models))
     cm = stats.confusion_at_sensitivity(oof["target"], oof["score"], cfg.stated_sensitivity)
+    ppv, npv = research.predictive_values(cm.sensitivity, cm.specificity, prev)
+    cut = "rank" if _is_rank(inputs, "blend") else "score"
     return h.section(
-        "3. Operating points (pooled OOF)", h.table(header, rows, _blend_rows(dict.fromkeys(inputs.oof_models))),
+        "Operating points (pooled OOF)",
+        f"<h3>At {cfg.specificity_target:.0%} specificity</h3>", h.table(header, spec_rows, hl),
+        f"<h3>At {cfg.sensitivity_target:.0%} sensitivity</h3>", h.table(header, sens_rows, hl),
+        h.paragraph(f"A probability threshold applies to a model whose score is a probability; a rank blend's "
+                    "score is a rank, so its cut is given only as the share of lesions it flags. PPV and NPV "
+                    f"are stated at a prevalence of {prev:.2%} (report config key prevalence; the real "
+                    f"competition data: 0.1%), not at this data's {oof['target'].mean():.2%}: a PPV measured on "
+                    "enriched data overstates what a clinic would see."),
         f"<h3>Blend at the threshold reaching {cfg.stated_sensitivity:.0%} sensitivity "
-        f"(score ≥ {cm.threshold:.4g})</h3>",
+        f"({cut} ≥ {cm.threshold:.4g}, flags {(oof['score'] >= cm.threshold).mean():.1%} of lesions)</h3>",
         h.table(["", "predicted malignant", "predicted benign"],
                 [["malignant", cm.tp, cm.fn], ["benign", cm.fp, cm.tn]]),
-        h.paragraph(f"Sensitivity {cm.sensitivity:.1%}, specificity {cm.specificity:.2%}, PPV {cm.ppv:.2%}: "
-                    f"{cm.flagged_per_cancer:.1f} lesions flagged per cancer found. Thresholds pool the fold "
-                    "models' OOF scores, so they are indicative, not a deployable cut-off."),
+        h.paragraph(f"Sensitivity {cm.sensitivity:.1%}, specificity {cm.specificity:.2%}; PPV {cm.ppv:.2%} in this "
+                    f"data, {ppv:.2%} at {prev:.2%} prevalence (NPV {npv:.3%}); {cm.flagged_per_cancer:.1f} lesions "
+                    "flagged per cancer found here. Thresholds pool the fold models' OOF scores, so they are "
+                    "indicative, not a deployable cut-off."),
     )
+
+
+def _operating_row(inputs: ReportInputs, m: str, sens: float, spec: float, threshold: float,
+                   prevalence: float) -> list[str]:
+    score = inputs.oof[MODEL_COLUMNS[m]]
+    ppv, npv = research.predictive_values(sens, spec, prevalence)
+    prob = "- (rank)" if _is_rank(inputs, m) else f"≥ {threshold:.4g}"
+    return [MODEL_LABELS[m], f"{sens:.1%}", f"{spec:.1%}", prob, f"top {(score >= threshold).mean():.2%}",
+            f"{ppv:.2%}", f"{npv:.3%}"]
+
+
+def _is_rank(inputs: ReportInputs, model: str) -> bool:
+    """The blend (and the tabular blend made the same way) of a rank-mean stack is a rank, not a probability."""
+    method = str((inputs.cv.get("blend") or {}).get("method", ""))
+    return model in ("blend", "tabular") and (method in RANK_BLENDS or "rank" in method.lower())
 
 
 RANK_BLENDS = ("rank_mean", "weights")  # stack.py blends rank-normalised scores in both modes
@@ -205,7 +248,7 @@ def _calibration_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> 
         parts.append(h.note(f"The blend ({method!r}) averages rank-normalised scores: it orders lesions but is not "
                             "a probability, so it has no calibration curve; the table below gives the risk by "
                             "rank instead."))
-    return h.section("4. Calibration and risk by rank", *parts, _risk_table(oof))
+    return h.section("Calibration and risk by rank", *parts, _risk_table(oof))
 
 
 def _is_probability(score: pd.Series) -> bool:
@@ -223,27 +266,29 @@ def _risk_table(oof: pd.DataFrame) -> str:
 
 def _importance_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     if inputs.importance is None:
-        return h.section("5. Feature importance", h.note("No stack/feature_importance.csv: section left out."))
+        return h.section("Feature importance", h.note("No stack/feature_importance.csv: section left out."))
     imp = inputs.importance
     per_model = (imp.pivot_table(index="feature", columns=["model", "fold"], values="importance", fill_value=0.0)
                  .T.groupby(level="model").mean().T)
     per_model["pooled"] = per_model.mean(axis=1)
     top = per_model.sort_values("pooled", ascending=False).head(cfg.top_features)
     figures.importance_figure(top, out / "importance.png", cfg.dpi)
-    return h.section("5. Feature importance", h.figure(
+    return h.section("Feature importance", h.figure(
         "importance.png", f"Top {len(top)} features by gain (normalised per model and fold, averaged over "
         f"folds). Bar: mean over the {per_model.shape[1] - 1} GBDT(s); dots: each model."))
 
 
 def _image_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     parts = [_cnn_part(inputs, cfg, out), _segmenter_part(inputs, cfg, out), _montage_part(inputs, cfg, out)]
-    return h.section("6. Image models", *parts)
+    return h.section("Image models", *parts)
 
 
 def _cnn_part(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     if not inputs.cnn_metrics:
         return h.note("No CNN training curves (no cnn/fold_k/metrics.json).")
-    figures.training_figure(inputs.cnn_metrics, out / "cnn_training.png", cfg.dpi)
+    keep = {k: str(read_config_dict(inputs.paths.cnn_fold(k).config).get("keep", "best"))
+            for k in inputs.cnn_metrics if inputs.paths.cnn_fold(k).config.is_file()}
+    figures.training_figure(inputs.cnn_metrics, out / "cnn_training.png", cfg.dpi, keep=keep)
     rows = [[k, m.get("best_epoch"), f"{m.get('best_pauc', float('nan')):.4f}",
              f"{m.get('best_auc', float('nan')):.4f}", m.get("n_train"), m.get("n_val"),
              f"{np.median([e.get('images_per_s', np.nan) for e in m['epochs']]):.0f}"]
@@ -274,8 +319,15 @@ def _montage_part(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     crops = montage.load_crops(images, ids, inputs.notes)
     masks = montage.predict_lesion_masks(inputs.paths.segmenter.weights, crops, inputs.notes)
     ranks = inputs.oof.set_index("isic_id")["score"].rank(ascending=False, pct=True)
-    montage.montage_figure(groups, crops, masks, ranks, out / "montage.png", cfg.dpi)
-    caption = ("Crops ranked by the blend score; 'top x%' is the crop's rank among all OOF lesions. "
+    name = "score"
+    families = [c for c in ("score_lgbm", "score_catboost", "score_xgboost") if c in inputs.oof]
+    if _is_rank(inputs, "blend") and families:  # a rank reads as "score 1": show the GBDTs' mean probability
+        groups = {k: g.assign(display_score=g[families].mean(axis=1)) for k, g in groups.items()}
+        name = "GBDT p"
+    montage.montage_figure(groups, crops, masks, ranks, out / "montage.png", cfg.dpi, score_name=name)
+    caption = ("Crops ranked by the blend; 'top x%' is the crop's rank among all OOF lesions"
+               + ("; 'GBDT p': the mean probability of the stacker's GBDTs (the blend itself is a rank). "
+                  if name != "score" else ". ")
                + ("Yellow: predicted lesion outline." if masks else "No predicted mask (see the notes)."))
     return "<h3>Crops</h3>" + h.figure("montage.png", caption)
 
@@ -286,13 +338,13 @@ def _demo_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     truth = inputs.demo_truth[inputs.demo_truth["split"] == "train"][["isic_id", "probability"]]
     both = inputs.oof.merge(truth, on="isic_id", how="inner")
     if both.empty or both["target"].nunique() < 2:
-        return h.section("7. Demo data: best possible pAUC", h.note("demo-truth.csv shares no usable rows."))
+        return h.section("Demo data: best possible pAUC", h.note("demo-truth.csv shares no usable rows."))
     scores = [("True probability (best possible)", "probability")] + [
         (MODEL_LABELS[m], MODEL_COLUMNS[m]) for m in inputs.oof_models]
     best = pauc(both["target"], both["probability"])
     rows = [_demo_row(label, both, col, best) for label, col in scores]
     return h.section(
-        "7. Demo data: the pipeline against the best possible",
+        "Demo data: the pipeline against the best possible",
         "<h3>Best possible against the pipeline (training rows)</h3>",
         h.table(["Score", "pooled pAUC", "mean fold pAUC", "pooled AUC", "share of achievable gain"], rows, [0]),
         h.paragraph("demo-data draws each label from a known probability; ranking by that probability is the "
@@ -331,7 +383,7 @@ def _distill_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     export = inputs.paths.export_dir / "export.json"
     if export.is_file():
         parts += _export_part(read_json(export), fmt)
-    return h.section("8. Distilled image-only students", *parts)
+    return h.section("Distilled image-only students", *parts)
 
 
 def _export_part(report: dict[str, Any], fmt: Any) -> list[str]:

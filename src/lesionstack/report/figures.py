@@ -155,24 +155,35 @@ def importance_figure(table: pd.DataFrame, path: Path, dpi: int = 110) -> Path:
     return save_png(fig, path, dpi)
 
 
-def training_figure(metrics: dict[int, dict[str, Any]], path: Path, dpi: int = 110) -> Path:
-    """Per-fold CNN training curves: train/val loss and validation pAUC per epoch (star: best epoch)."""
+def training_figure(metrics: dict[int, dict[str, Any]], path: Path, dpi: int = 110,
+                    keep: dict[int, str] | None = None) -> Path:
+    """Per-fold CNN training curves: train/val loss and validation pAUC per epoch. Validation runs only on
+    some epochs (`val_every`): its points are drawn as markers joined over the epochs that have one. The
+    kept epoch is marked: a star for `keep: best` (the best validated epoch), a square for `keep: last`."""
     from matplotlib import colormaps
 
     cmap = colormaps[FOLD_CMAP]
+    keep = keep or {}
     fig = new_figure(10.5, 3.8)
     loss_ax, pauc_ax = fig.subplots(1, 2)
     for k, m in sorted(metrics.items()):
         ep = pd.DataFrame(m["epochs"])
+        val = ep.dropna(subset=["val_pauc"]) if "val_pauc" in ep else ep.iloc[:0]
         c = cmap(k % 10)
         loss_ax.plot(ep["epoch"], ep["train_loss"], color=c, label=f"fold {k} train")
-        loss_ax.plot(ep["epoch"], ep["val_loss"], color=c, linestyle="--", label=f"fold {k} val")
-        pauc_ax.plot(ep["epoch"], ep["val_pauc"], color=c, marker="o", markersize=3, label=f"fold {k}")
-        best = ep.loc[ep["epoch"] == m.get("best_epoch")]
-        pauc_ax.scatter(best["epoch"], best["val_pauc"], marker="*", s=140, color=c, edgecolors="black", zorder=3)
-    loss_ax.set(title="Loss (solid: train, dashed: validation)", xlabel="Epoch", ylabel="Loss")
+        loss_ax.plot(val["epoch"], val["val_loss"], color=c, linestyle="--", marker="o", markersize=4,
+                     label=f"fold {k} val")
+        pauc_ax.plot(val["epoch"], val["val_pauc"], color=c, marker="o", markersize=4, label=f"fold {k}")
+        last = keep.get(k, "best") == "last"
+        kept = val.tail(1) if last else val.loc[val["epoch"] == m.get("best_epoch")]
+        pauc_ax.scatter(kept["epoch"], kept["val_pauc"], marker="s" if last else "*", s=70 if last else 140,
+                        color=c, edgecolors="black", zorder=3)
+    loss_ax.set(title="Loss (solid: train; dashed, dots: validation)", xlabel="Epoch", ylabel="Loss")
     pauc_ax.axhline(0.02, color="#999999", linestyle=":", linewidth=0.8, label="chance (0.02)")
-    pauc_ax.set(title="Validation pAUC per fold (★ best epoch)", xlabel="Epoch", ylabel="pAUC (max 0.2)")
+    rules = set(keep.get(k, "best") for k in metrics)
+    mark = " / ".join((["★ best epoch (kept)"] if "best" in rules else []) + (["■ last epoch (kept)"] if "last" in
+                                                                               rules else []))
+    pauc_ax.set(title=f"Validation pAUC per fold ({mark})", xlabel="Epoch", ylabel="pAUC (max 0.2)")
     _integer_epochs(loss_ax, pauc_ax)
     loss_ax.legend(fontsize=7, ncol=2)
     pauc_ax.legend(fontsize=7)
@@ -225,4 +236,18 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], path: Path, dpi: in
         ax.set_xlabel("predicted class")
         ax.set_ylabel("true class")
         ax.set_title(f"Confusion matrix, {title}", fontsize=10)
+    return save_png(fig, path, dpi)
+
+
+def score_histogram(samples: dict[str, np.ndarray], path: Path, dpi: int = 110) -> Path:
+    """Overlaid density histograms of score samples on a shared range (one colour each)."""
+    fig = new_figure(7.5, 3.4)
+    ax = fig.subplots()
+    values = np.concatenate([np.asarray(v, dtype=float) for v in samples.values()])
+    bins = np.linspace(float(values.min()), float(values.max()) or 1.0, 50)
+    for (name, v), color in zip(samples.items(), (COLORS["blend"], COLORS["tabular"], COLORS["cnn"])):
+        ax.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color=color, label=f"{name} "
+                f"(n={len(v)})")
+    ax.set(xlabel="Score", ylabel="Density (log)", yscale="log", title="Score distributions")
+    ax.legend(fontsize=8)
     return save_png(fig, path, dpi)

@@ -74,9 +74,10 @@ def predict_lesion_masks(weights: Path, crops: dict[str, np.ndarray], notes: lis
 
 
 def montage_figure(groups: dict[str, pd.DataFrame], crops: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-                   ranks: pd.Series, path: Path, dpi: int = 110) -> Path:
+                   ranks: pd.Series, path: Path, dpi: int = 110, score_name: str = "score") -> Path:
     """One row (a sub-figure with its own heading) per group, one crop per column; each crop's title gives
-    its id, blend score and top-% rank among all OOF lesions."""
+    its id, its `display_score` column (else `score`) named `score_name`, and its top-% rank among all
+    OOF lesions."""
     cols = max(max((len(g) for g in groups.values()), default=1), 1)
     fig = new_figure(1.75 * cols + 0.3, 2.35 * len(groups) + 0.3)
     if masks:
@@ -86,16 +87,17 @@ def montage_figure(groups: dict[str, pd.DataFrame], crops: dict[str, np.ndarray]
         for c, ax in enumerate(np.atleast_1d(sub.subplots(1, cols))):
             ax.set_axis_off()
             if c < len(rows):
-                _crop_panel(ax, rows.iloc[c], crops, masks, ranks)
+                _crop_panel(ax, rows.iloc[c], crops, masks, ranks, score_name)
             elif c == 0:
                 ax.text(0.0, 0.5, "none", fontsize=9, transform=ax.transAxes)
     return save_png(fig, path, dpi)
 
 
 def _crop_panel(ax: Any, row: pd.Series, crops: dict[str, np.ndarray], masks: dict[str, np.ndarray],
-                ranks: pd.Series) -> None:
+                ranks: pd.Series, score_name: str = "score") -> None:
     isic_id = row["isic_id"]
-    label = f"{isic_id}\nscore {row['score']:.3g} · top {ranks[isic_id]:.1%}"
+    value = row["display_score"] if "display_score" in row else row["score"]
+    label = f"{isic_id}\n{score_name} {value:.3g} · top {ranks[isic_id]:.1%}"
     if isic_id in masks and float(np.max(masks[isic_id])) < 0.5:
         label += "\nno lesion predicted"
     if isic_id not in crops:
