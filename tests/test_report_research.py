@@ -10,13 +10,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from test_report import FAST, _cv, make_artifacts
 
 from lesionstack.files import write_json
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.report import ReportConfig, write_report
 from lesionstack.report.research import predictive_values
+from test_report import FAST, _cv, make_artifacts
 
 SITES = ["Hospital A", "Hospital B", "Hospital C", "Hospital D"]
 
@@ -97,7 +97,8 @@ def test_misses_by_diagnosis_count_the_cancers_below_the_threshold(research_repo
     _, frame, page = research_report
     rows = _rows(page, "<h2>Misses by diagnosis</h2>")
     mel = frame[frame["iddx_full"].str.endswith("Melanoma in situ")]
-    cells = rows[next(k for k in rows if k.startswith("Malignant melanocytic proliferations (Melanoma) / Melanoma in situ"))]
+    name = "Malignant melanocytic proliferations (Melanoma) / Melanoma in situ"
+    cells = rows[next(k for k in rows if k.startswith(name))]
     assert int(cells[1]) == len(mel) and int(cells[2]) + int(cells[3]) == len(mel)
     assert "False alarms by iddx_1" in page
 
