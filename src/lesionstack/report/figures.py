@@ -180,10 +180,11 @@ def training_figure(metrics: dict[int, dict[str, Any]], path: Path, dpi: int = 1
                         color=c, edgecolors="black", zorder=3)
     loss_ax.set(title="Loss (solid: train; dashed, dots: validation)", xlabel="Epoch", ylabel="Loss")
     pauc_ax.axhline(0.02, color="#999999", linestyle=":", linewidth=0.8, label="chance (0.02)")
-    rules = set(keep.get(k, "best") for k in metrics)
-    mark = " / ".join((["★ best epoch (kept)"] if "best" in rules else []) + (["■ last epoch (kept)"] if "last" in
-                                                                               rules else []))
-    pauc_ax.set(title=f"Validation pAUC per fold ({mark})", xlabel="Epoch", ylabel="pAUC (max 0.2)")
+    rules = {keep.get(k, "best") for k in metrics}
+    mark = ", ".join(text for rule, text in (("best", "★ kept: best epoch"), ("last", "■ kept: last epoch"))
+                     if rule in rules)
+    pauc_ax.set(title=f"Validation pAUC per fold; {mark}", xlabel="Epoch", ylabel="pAUC (max 0.2)",
+                xlim=loss_ax.get_xlim())
     _integer_epochs(loss_ax, pauc_ax)
     loss_ax.legend(fontsize=7, ncol=2)
     pauc_ax.legend(fontsize=7)
@@ -244,10 +245,10 @@ def score_histogram(samples: dict[str, np.ndarray], path: Path, dpi: int = 110) 
     fig = new_figure(7.5, 3.4)
     ax = fig.subplots()
     values = np.concatenate([np.asarray(v, dtype=float) for v in samples.values()])
-    bins = np.linspace(float(values.min()), float(values.max()) or 1.0, 50)
+    bins = np.linspace(float(values.min()), float(values.max()) or 1.0, 30)
     for (name, v), color in zip(samples.items(), (COLORS["blend"], COLORS["tabular"], COLORS["cnn"])):
-        ax.hist(v, bins=bins, density=True, histtype="stepfilled", alpha=0.35, color=color, label=f"{name} "
+        ax.hist(v, bins=bins, density=True, histtype="step", linewidth=1.6, color=color, label=f"{name} "
                 f"(n={len(v)})")
-    ax.set(xlabel="Score", ylabel="Density (log)", yscale="log", title="Score distributions")
+    ax.set(xlabel="Score", ylabel="Density", title="Score distributions")
     ax.legend(fontsize=8)
     return save_png(fig, path, dpi)

@@ -131,10 +131,10 @@ def subgroup_section(frame: pd.DataFrame | None, n_bootstrap: int, level: float,
         if col not in frame:
             continue
         for value, g in frame.groupby(frame[col].fillna("missing").astype(str), sort=True):
-            rows.append([title, value, *_subgroup_cells(g, n_bootstrap, level, seed)])
+            rows.append([f"{title}: {value}", *_subgroup_cells(g, n_bootstrap, level, seed)])
     return h.section(
-        "Subgroups", h.table(["Variable", "Value", "lesions", "patients", "cancers", "blend pAUC",
-                              f"{level:.0%} interval", "blend AUC"], rows),
+        "Subgroups", h.table(["Subgroup", "lesions", "patients", "cancers", "blend pAUC", f"{level:.0%} interval",
+                              "blend AUC"], rows),
         h.paragraph(f"pAUC and AUC of the blend among that subgroup's lesions only (its ranking within the "
                     f"subgroup). Interval: {n_bootstrap} resamples of the subgroup's patients. A subgroup with "
                     "fewer than 2 cancers or no benign lesion has no pAUC."))
@@ -147,7 +147,7 @@ def _subgroup_cells(g: pd.DataFrame, n_bootstrap: int, level: float, seed: int) 
         return [str(len(g)), str(patients), str(n_pos), "-", "-", "-"]
     groups = g["patient_id"].to_numpy() if "patient_id" in g else None
     ci = stats.bootstrap_ci(g["target"], g["score"], groups, n_bootstrap, level, seed)
-    return [str(len(g)), str(patients), str(n_pos), f"{ci.pauc:.4f}", f"[{ci.pauc_low:.4f}, {ci.pauc_high:.4f}]",
+    return [str(len(g)), str(patients), str(n_pos), f"{ci.pauc:.4f}", f"{ci.pauc_low:.3f} to {ci.pauc_high:.3f}",
             f"{ci.auc:.3f}"]
 
 
@@ -215,6 +215,7 @@ def submission_section(inputs: ReportInputs, out: Path, dpi: int) -> str:
     scores = sub["target"].to_numpy(dtype=float)
     figures.score_histogram({"submission (test)": scores, "OOF blend (training)": inputs.oof["score"].to_numpy()},
                             out / "submission_scores.png", dpi)
+    rank = str((inputs.cv.get("blend") or {}).get("method", "")) in ("rank_mean", "weights")
     q = np.quantile(scores, [0.0, 0.01, 0.25, 0.5, 0.75, 0.99, 1.0])
     rows = [[name, f"{v:.4g}"] for name, v in zip(("min", "1%", "25%", "median", "75%", "99%", "max"), q)]
     return h.section(
@@ -222,7 +223,9 @@ def submission_section(inputs: ReportInputs, out: Path, dpi: int) -> str:
                                       f"{path.name} and the training lesions' OOF blend scores (density)."),
         h.table(["Quantile", "submission score"], rows),
         h.paragraph("The metric uses only the ranking. A test distribution far from the OOF one (all scores "
-                    "tied, or squeezed into a narrow band) is worth a look before submitting."))
+                    "tied, or squeezed into a narrow band) is worth a look before submitting."
+                    + (" This stack blends ranks, so both distributions are close to uniform on [0, 1] by "
+                       "construction." if rank else "")))
 
 
 # ---- leave-institution-out folds ---------------------------------------------------------------------------

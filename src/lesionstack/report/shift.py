@@ -11,7 +11,10 @@ from typing import Any
 
 from lesionstack.report import html as h
 
-FEATURE_NAMES = {"cnn_score": "CNN score (stacker input)"}
+FEATURE_NAMES = {"cnn_score": "CNN score (stacker input)",
+                 "cnn_score_over_patient_mean": "CNN score / the patient's mean (stacker input)",
+                 "cnn_score_pnorm": "CNN score, z-score within the patient (stacker input)",
+                 "cnn_score_patient_rank": "CNN score, rank within the patient (stacker input)"}
 
 
 def shift_table(shift: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
