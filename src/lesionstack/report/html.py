@@ -14,7 +14,8 @@ h1{font-size:1.6em;margin-bottom:.2em} h2{border-bottom:2px solid #d9dee8;paddin
 h3{margin-bottom:.3em}
 table{border-collapse:collapse;margin:.6em 0 1em;font-size:.9em}
 th,td{border:1px solid #d9dee8;padding:.25em .6em;text-align:right}
-th{background:#eef1f6} td:first-child,th:first-child{text-align:left}
+th{background:#eef1f6} td:first-child,th:first-child{text-align:left} td:not(:first-child){white-space:nowrap}
+table.text td,table.text th{text-align:left;white-space:normal}
 tr.hl td{background:#f5f8ff;font-weight:600}
 figure{margin:1em 0} figure img{max-width:100%;border:1px solid #e3e6eb}
 figcaption{font-size:.85em;color:#555}
@@ -27,14 +28,17 @@ def esc(value: Any) -> str:
     return html.escape(str(value))
 
 
-def table(header: Sequence[str], rows: Sequence[Sequence[Any]], highlight: Sequence[int] = ()) -> str:
-    """An HTML table; cells are escaped, rows whose index is in `highlight` are emphasised."""
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]], highlight: Sequence[int] = (), *,
+          text: bool = False) -> str:
+    """An HTML table; cells are escaped, rows whose index is in `highlight` are emphasised; `text`: every
+    column left-aligned and wrapping (settings, not numbers)."""
     head = "".join(f"<th>{esc(h)}</th>" for h in header)
     body = "".join(
         ('<tr class="hl">' if i in highlight else "<tr>") + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>"
         for i, row in enumerate(rows)
     )
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    attr = ' class="text"' if text else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def figure(src: str, caption: str) -> str:

@@ -71,7 +71,8 @@ def provenance_section(inputs: ReportInputs) -> str:
     cnn = cnn or (run.get("cnn") if isinstance(run.get("cnn"), dict) else {}) or {}
     prov = read_json(paths.provenance) if paths.provenance.is_file() else {}
     rows = _setup_rows(run, cnn, inputs.cv)
-    parts = [h.table(["Setting", "Value"], rows) if rows else h.note(f"No {paths.run_config} or CNN fold config.")]
+    parts = [h.table(["Setting", "Value"], rows, text=True) if rows
+             else h.note(f"No {paths.run_config} or CNN fold config.")]
     tuned = inputs.cv.get("tuned_params")
     if tuned:
         params = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
@@ -83,11 +84,13 @@ def provenance_section(inputs: ReportInputs) -> str:
         parts.append(h.table(["Environment", "Value"], [
             ["lesionstack", prov.get("lesionstack")], ["code commit", prov.get("commit") or "not a git checkout"],
             ["Python", prov.get("python")], ["platform", prov.get("platform")], ["run started", prov.get("started")],
-            ["libraries", libs]]))
+            ["libraries", libs]], text=True))
         times = prov.get("stage_seconds") or {}
         if times:
-            parts.append(h.table(["Stage", "seconds"], [[k, f"{v:.0f}"] for k, v in times.items()]
-                                 + [["total", f"{sum(times.values()):.0f}"]]))
+            parts += [h.table(["Stage", "seconds"], [[k, f"{v:.0f}"] for k, v in times.items()]
+                              + [["total", f"{sum(times.values()):.0f}"]]),
+                      h.paragraph("Seconds of the latest `lesionstack run` on this folder, on the machine above; a "
+                                  "stage reused from an earlier run shows only the time to check and reuse it.")]
     else:
         parts.append(h.note(f"No {paths.provenance} (written by `lesionstack run`): versions, commit and stage "
                             "times unknown."))
@@ -268,12 +271,15 @@ def institution_section(inputs: ReportInputs, n_bootstrap: int, level: float, se
         parts += [f"<h3>Folds by patient against folds by {h.esc(group)} ({h.esc(nested.root)})</h3>",
                   h.table(["Model", "folds grouped by", "pooled OOF pAUC", f"{level:.0%} interval",
                            "mean fold pAUC ± std", "top-15 sensitivity"], rows),
+                  f"<h3>Each {h.esc(group)} value scored by models that never saw it</h3>",
                   h.table([group, "lesions", "cancers", "fold", "blend pAUC"], per)]
     return h.section("Validation by institution", *parts, h.paragraph(
         "The hidden test set holds institutions absent from training. Folds grouped by institution validate each "
-        "institution with models that never saw it, so their pAUC is the closer estimate of the private "
-        "leaderboard; the gap to the patient-grouped folds is what the unseen hospitals cost. Both runs score "
-        "the same lesions. Convention: a nested artifacts root (e.g. ARTIFACTS/by_attribution, made by "
+        "institution with models that never saw it; in ISIC 2024 the 7th place found this tracked the private "
+        "leaderboard better than patient folds. A gap between the two schemes beyond their intervals is what "
+        "unseen hospitals cost (the demo data draw every institution's lesions alike, so there it is noise). "
+        "Both runs score the same lesions; their fold files differ, so `lesionstack compare` does not pair them. "
+        "Convention: a nested artifacts root whose folds.csv is grouped (e.g. ARTIFACTS/by_attribution, made by "
         "`lesionstack run` with `folds.group: attribution`) is found and shown here."))
 
 
