@@ -131,3 +131,20 @@ def test_synthetic_data_is_said_first_and_real_data_gets_no_banner(research_repo
     DataPaths(Path(str(pd.read_json(paths.source, typ="series")["data_dir"]))).demo_truth.unlink()
     shutil.rmtree(paths.segmenter.dir)
     assert "Synthetic data" not in write_report(paths.root, config=FAST).read_text()
+
+
+def test_validation_points_skip_unvalidated_epochs_and_mark_the_kept_one():
+    from lesionstack.report.figures import validation_points
+
+    nan = float("nan")
+    epochs = pd.DataFrame({"epoch": range(1, 9), "val_pauc": [nan, nan, nan, 0.09, nan, nan, nan, 0.05]})
+    val, kept = validation_points(epochs, "last", best_epoch=4)
+    assert val["epoch"].tolist() == [4, 8] and kept["epoch"].tolist() == [8]
+    assert validation_points(epochs, "best", best_epoch=4)[1]["epoch"].tolist() == [4]
+
+
+def test_the_run_table_names_the_fold_scheme(research_report):
+    paths, _, page = research_report
+    assert "<td>Folds</td><td>5, grouped by patient</td>" in page
+    nested = write_report(paths.root / "by_attribution", config=FAST).read_text()
+    assert "<td>Folds</td><td>4, grouped by attribution (each value in one fold)</td>" in nested

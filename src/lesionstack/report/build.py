@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from lesionstack.config import load_config, read_config_dict, save_config
 from lesionstack.files import read_json, write_text
+from lesionstack.folds import fold_group
 from lesionstack.metrics import PAUC_CONSTANT, pauc, roc_auc
 from lesionstack.paths import ArtifactPaths, DataPaths, ReportFiles
 from lesionstack.report import figures, montage, research, stats
@@ -106,13 +107,20 @@ def _summary(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:
     oof, cv = inputs.oof, inputs.cv
     patients = oof["patient_id"].nunique() if "patient_id" in oof else "unknown"
     rows = [["Training lesions (OOF rows)", len(oof)], ["Positives", int(oof["target"].sum())],
-            ["Patients", patients], ["Folds", cv["n_folds"]]]
+            ["Patients", patients], ["Folds", _fold_scheme(inputs, cv["n_folds"])]]
     blend = cv.get("blend") or {}
     if blend:
         weights = ", ".join(f"{k} {v:.3g}" for k, v in (blend.get("weights") or {}).items())
         rows.append(["Blend", f"{blend.get('method', '?')}" + (f" ({weights})" if weights else "")])
     caveat = selection_caveat(cv)
     return h.section("Run", h.table(["Item", "Value"], rows), *([h.note(caveat)] if caveat else []))
+
+
+def _fold_scheme(inputs: ReportInputs, n_folds: int) -> str:
+    if not inputs.paths.folds.is_file():
+        return str(n_folds)
+    group = fold_group(pd.read_csv(inputs.paths.folds, nrows=1))
+    return f"{n_folds}, " + (f"grouped by {group} (each value in one fold)" if group else "grouped by patient")
 
 
 def _roc_section(inputs: ReportInputs, cfg: ReportConfig, out: Path) -> str:

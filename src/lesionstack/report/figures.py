@@ -168,14 +168,13 @@ def training_figure(metrics: dict[int, dict[str, Any]], path: Path, dpi: int = 1
     loss_ax, pauc_ax = fig.subplots(1, 2)
     for k, m in sorted(metrics.items()):
         ep = pd.DataFrame(m["epochs"])
-        val = ep.dropna(subset=["val_pauc"]) if "val_pauc" in ep else ep.iloc[:0]
+        val, kept = validation_points(ep, keep.get(k, "best"), m.get("best_epoch"))
         c = cmap(k % 10)
         loss_ax.plot(ep["epoch"], ep["train_loss"], color=c, label=f"fold {k} train")
         loss_ax.plot(val["epoch"], val["val_loss"], color=c, linestyle="--", marker="o", markersize=4,
                      label=f"fold {k} val")
         pauc_ax.plot(val["epoch"], val["val_pauc"], color=c, marker="o", markersize=4, label=f"fold {k}")
         last = keep.get(k, "best") == "last"
-        kept = val.tail(1) if last else val.loc[val["epoch"] == m.get("best_epoch")]
         pauc_ax.scatter(kept["epoch"], kept["val_pauc"], marker="s" if last else "*", s=70 if last else 140,
                         color=c, edgecolors="black", zorder=3)
     loss_ax.set(title="Loss (solid: train; dashed, dots: validation)", xlabel="Epoch", ylabel="Loss")
@@ -189,6 +188,14 @@ def training_figure(metrics: dict[int, dict[str, Any]], path: Path, dpi: int = 1
     loss_ax.legend(fontsize=7, ncol=2)
     pauc_ax.legend(fontsize=7)
     return save_png(fig, path, dpi)
+
+
+def validation_points(epochs: pd.DataFrame, keep: str, best_epoch: int | None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(the validated epochs, the kept one) of one fold's metrics: validation runs every `val_every` epochs,
+    the others hold no val_pauc (a line through them would draw nothing); `keep: last` keeps the last
+    validated epoch, `keep: best` the best one (`best_epoch`)."""
+    val = epochs.dropna(subset=["val_pauc"]) if "val_pauc" in epochs else epochs.iloc[:0]
+    return val, (val.tail(1) if keep == "last" else val.loc[val["epoch"] == best_epoch])
 
 
 def _integer_epochs(*axes: Any) -> None:
