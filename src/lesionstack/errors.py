@@ -41,6 +41,8 @@ ERROR_KINDS: dict[str, ErrorKind] = {
     "SubmissionError": ErrorKind(10, "submission", "check the test files and the trained artifacts named above"),
     "ReportError": ErrorKind(11, "report", "run the stage that writes the missing file, then the report"),
     "MaskDataError": ErrorKind(12, "masks", "fix the masks folder named above"),
+    "CompareError": ErrorKind(19, "compare", "compare runs trained on one fold file, scoring the same lesions "
+                              "(one pair per CV seed: A runs first, then as many B runs)"),
     "DiagnosisDataError": ErrorKind(18, "diagnosis data", "fix the data folder, or the label file, column and "
                                     "row, named above (or the class mapping in the diagnosis config)"),
     "WeightsError": ErrorKind(15, "weights", "point the config at weights of the named architecture"),
