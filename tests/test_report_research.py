@@ -148,3 +148,5 @@ def test_the_run_table_names_the_fold_scheme(research_report):
     assert "<td>Folds</td><td>5, grouped by patient</td>" in page
     nested = write_report(paths.root / "by_attribution", config=FAST).read_text()
     assert "<td>Folds</td><td>4, grouped by attribution (each value in one fold)</td>" in nested
+    assert "Not measured: no nested run with leave-institution-out folds" in nested
+    assert "Not measured" not in page

@@ -249,7 +249,11 @@ def institution_section(inputs: ReportInputs, n_bootstrap: int, level: float, se
     """Standard (patient) folds beside each nested leave-institution-out run."""
     runs = grouped_runs(inputs.paths)
     if not runs:
-        return ""
+        return h.section("Validation by institution", h.paragraph(
+            "Not measured: no nested run with leave-institution-out folds under this artifacts root. The hidden "
+            "test set holds institutions absent from training; to see what that costs, run `lesionstack run DATA "
+            f"-a {inputs.paths.root / 'by_attribution'}` with `folds.group: attribution` in the run config "
+            "(configs/run/demo_institution.yaml) and rebuild this report."))
     parts = []
     for nested in runs:
         folds = pd.read_csv(nested.folds, dtype={"isic_id": str, "patient_id": str})
