@@ -19,7 +19,7 @@ from lesionstack.files import read_json
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError, file_digest
 from lesionstack.runtime import load_weights
-from lesionstack.train import cnn
+from lesionstack.train import cnn, cnn_fold
 from lesionstack.train.cnn_config import ArchiveConfig
 from lesionstack.train.pretrain import archive_targets, pretrain_files
 from test_train_cnn import tiny_config
@@ -46,14 +46,14 @@ def test_folds_fine_tune_from_the_archive_weights(archive: Path, tmp_path: Path,
     out = tmp_path / "art"
     cfg = tiny_config(gate="none", epochs=1, archive=ArchiveConfig(dir=str(archive), epochs=1))
     started: list[bool] = []
-    real = cnn.load_init_weights
+    real = cnn_fold.load_init_weights  # where each fold's network is built
 
     def spy(model: torch.nn.Module, path: str) -> None:
         real(model, path)
         saved = load_weights(path)
         started.append(all(torch.equal(v.cpu(), saved[k]) for k, v in model.state_dict().items()))
 
-    monkeypatch.setattr(cnn, "load_init_weights", spy)
+    monkeypatch.setattr(cnn_fold, "load_init_weights", spy)
     summary = cnn.train_cnn(root, root / "folds.csv", cfg, out)
     files = pretrain_files(ArtifactPaths(out))
     assert files.done.is_file() and read_json(files.metrics)["n_images"] == 24

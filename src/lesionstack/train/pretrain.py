@@ -29,10 +29,10 @@ from lesionstack.config import ConfigError
 from lesionstack.data.archive import BENIGN, INDETERMINATE, MALIGNANT, read_archive
 from lesionstack.data.dataset import CropDataset
 from lesionstack.files import read_json, write_json, write_text
-from lesionstack.models import build_model, param_groups
+from lesionstack.models import build_model
 from lesionstack.paths import ArtifactPaths, FoldFiles
 from lesionstack.resume import Resume, file_digest, files_digest, frame_digest, guard
-from lesionstack.runtime import Runtime, adamw, make_loader, save_weights, seed_everything
+from lesionstack.runtime import Runtime, make_loader, save_weights, seed_everything
 
 if TYPE_CHECKING:
     from lesionstack.train.cnn_config import CNNConfig
@@ -71,7 +71,7 @@ def pretrain_files(art: ArtifactPaths) -> FoldFiles:
 def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path:
     """Train `cfg.model` on `cfg.archive` (or reuse a finished pretraining); return its weights file."""
     from lesionstack.train.cnn_config import PROVENANCE_KEYS, RUNTIME_KEYS
-    from lesionstack.train.loop import train_epoch, warmup_cosine
+    from lesionstack.train.loop import epoch_generator, make_optimiser, train_epoch
 
     assert cfg.archive is not None
     if not cfg.archive.dir:
@@ -98,16 +98,11 @@ def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path
     sampler = EpochShuffle(len(dataset), cfg.seed)
     loader = make_loader(dataset, rt, sampler=sampler, batch_size=cfg.batch_size,
                          drop_last=len(dataset) > cfg.batch_size)
-    lr = cfg.archive.lr or cfg.lr
-    opt = adamw(param_groups(model, lr, cfg.weight_decay), lr, cfg.weight_decay)
-    steps = len(loader)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, warmup_cosine(steps * cfg.archive.epochs, int(cfg.warmup_epochs * steps), cfg.min_lr_ratio))
-    scaler = torch.amp.GradScaler(rt.device.type, enabled=rt.dtype == torch.float16)
+    opt, sched, scaler = make_optimiser(model, cfg.archive.lr or cfg.lr, cfg.weight_decay, len(loader),
+                                        cfg.archive.epochs, cfg.warmup_epochs, cfg.min_lr_ratio, rt)
     history = []
     for epoch in range(cfg.archive.epochs):
-        seed_everything(cfg.seed, 7919, epoch)
-        gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))
+        gen = epoch_generator(cfg.seed, 7919, epoch)
         sampler.set_epoch(epoch)
         loss, ips = train_epoch(model, loader, dataset, opt, sched, scaler, rt, cfg.augment, gen,
                                 f"archive epoch {epoch + 1}/{cfg.archive.epochs}")
