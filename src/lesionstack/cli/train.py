@@ -92,7 +92,7 @@ def train_diagnosis_cmd(
     folds_only: FoldsOnly = "",
 ) -> None:
     """Multi-class diagnosis per fold (lesion/patient-grouped): OOF class probabilities, balanced accuracy."""
-    from lesionstack.data.diagnosis import detect_layout
+    from lesionstack.data.diagnosis_layouts import detect_layout
     from lesionstack.preflight import check_writable, exists
     from lesionstack.train.diagnosis import diagnosis_stage
     from lesionstack.train.diagnosis_config import load_diagnosis_config
