@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _cnn_data import make_cnn_data
+from helpers import make_cnn_data, tiny_cnn_config
 from lesionstack.config import ConfigError, load_config, read_config_dict
 from lesionstack.data.dataset import CropDataset
 from lesionstack.data.diagnosis import LabelMap, read_iddx_classes
@@ -50,11 +50,8 @@ def write_iddx(root: Path) -> pd.DataFrame:
 
 
 def aux_config(weight: float = 0.5, **changes: object) -> CNNConfig:
-    model = ModelConfig(classifier="test_resnet", segmenter_encoder="test_resnet", gate="train")
-    cfg = CNNConfig(model=model, image_size=32, batch_size=8, eval_batch_size=32, epochs=1, lr=1e-3,
-                    warmup_epochs=0.5, num_workers=0, cpu_threads=1, progress=False,
-                    aux_diagnosis=AuxDiagnosisConfig(weight=weight, labels=LABELS))
-    return dataclasses.replace(cfg, **changes)
+    aux = AuxDiagnosisConfig(weight=weight, labels=LABELS)
+    return tiny_cnn_config("train", **{"epochs": 1, "aux_diagnosis": aux, **changes})
 
 
 @pytest.fixture(scope="module")

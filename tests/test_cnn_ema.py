@@ -3,17 +3,15 @@ the average's, a killed fold resumes to the same bits, and the resume guard refu
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from _cnn_data import make_cnn_data
+from helpers import make_cnn_data, tiny_cnn_config
 from lesionstack.config import ConfigError
 from lesionstack.files import read_json
-from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import load_weights
@@ -23,10 +21,7 @@ from lesionstack.train.ema import WeightEMA
 
 
 def tiny_config(gate: str = "none", **changes: object) -> CNNConfig:
-    model = ModelConfig(classifier="test_resnet", segmenter_encoder="test_resnet", gate=gate)
-    cfg = CNNConfig(model=model, image_size=32, batch_size=8, eval_batch_size=32, epochs=2, lr=1e-3,
-                    warmup_epochs=0.5, num_workers=0, cpu_threads=1, progress=False, ema_decay=0.9)
-    return dataclasses.replace(cfg, **changes)
+    return tiny_cnn_config(gate, **{"ema_decay": 0.9, **changes})
 
 
 class Crash(RuntimeError):

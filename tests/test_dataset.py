@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _cnn_data import make_cnn_data
+from helpers import make_cnn_data
 from lesionstack.data.augment import AugmentConfig, augment_batch, normalize
 from lesionstack.data.dataset import BalancedEpochSampler, CropDataset, check_corrupt, collate_skip, shard
 from lesionstack.data.hdf5 import CorruptImageError

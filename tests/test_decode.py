@@ -131,7 +131,7 @@ N_CROPS = 12
 @pytest.fixture(scope="module")
 def crop_files(tmp_path_factory) -> tuple[Path, Path]:
     """Two HDF5 files with the same ids: clean 120-px crops, and the same with one 10,000 x 10,000 px JPEG."""
-    from _cnn_data import crop_jpeg
+    from helpers import crop_jpeg
 
     root = tmp_path_factory.mktemp("bigcrop")
     rng = np.random.default_rng(0)

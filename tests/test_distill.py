@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from _cnn_data import make_cnn_data
-from _student import tiny_student, train_tiny_student
+from helpers import make_cnn_data, tiny_student, train_tiny_student
 from lesionstack.config import ConfigError, save_config
 from lesionstack.folds import read_folds
 from lesionstack.models import ModelConfig
@@ -68,7 +67,7 @@ def test_config_refuses_a_gated_student_and_bad_alpha() -> None:
         DistillConfig(model=ModelConfig(gate="train"))
     with pytest.raises(ConfigError, match="alpha"):
         DistillConfig(alpha=1.5)
-    with pytest.raises(ConfigError, match="teacher.scores"):
+    with pytest.raises(ConfigError, match="^scores: expected a parquet or csv file with teacher.source: file"):
         TeacherConfig(source="file")
 
 

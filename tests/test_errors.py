@@ -70,16 +70,12 @@ def test_corrupt_image_error_keeps_its_parts_across_pickling() -> None:
 def test_a_corrupt_crop_in_a_fold_worker_reaches_the_parent_naming_it(tmp_path: Path) -> None:
     """Two fold workers, as the demo config runs them: the worker's error is rebuilt in the parent (it used
     to end as BrokenProcessPool) and keeps its one line."""
-    from _cnn_data import make_cnn_data
+    from helpers import make_cnn_data, tiny_cnn_config
     from lesionstack.data.decode import CorruptImageError
-    from lesionstack.models import ModelConfig
     from lesionstack.train.cnn import train_cnn
-    from lesionstack.train.cnn_config import CNNConfig
 
     root = make_cnn_data(tmp_path / "data", corrupt=("ISIC_0000005",))
-    cfg = CNNConfig(model=ModelConfig(classifier="test_resnet", gate="none"), image_size=32, batch_size=4,
-                    eval_batch_size=32, epochs=1, lr=1e-3, warmup_epochs=0.5, num_workers=0, cpu_threads=1,
-                    progress=False, fold_workers=2)
+    cfg = tiny_cnn_config("none", epochs=1, batch_size=4, fold_workers=2)
     with pytest.raises(CorruptImageError) as caught:
         train_cnn(root, root / "folds.csv", cfg, tmp_path / "art")
     line = one_line(caught.value, classify(caught.value))

@@ -170,7 +170,7 @@ def test_unknown_config_key_names_file_and_key(capsys, stacked, tmp_path):
 @pytest.mark.parametrize("kind", ["corrupt", "oversized"])
 def test_a_bad_crop_in_training_names_its_id(capsys, tmp_path, kind):
     """skip_corrupt is false: train-cnn stops at the first bad crop, naming its id and file."""
-    from _cnn_data import make_cnn_data
+    from helpers import make_cnn_data
 
     root = make_cnn_data(tmp_path / "d", n=16, corrupt=("ISIC_0000005",) if kind == "corrupt" else ())
     if kind == "oversized":  # a 40,000 x 40,000 px JPEG header on a few bytes: refused before decoding
@@ -338,9 +338,8 @@ def test_an_unexpected_exception_keeps_its_traceback(monkeypatch, tmp_path):
 def test_a_one_class_validation_fold_in_the_cnn_names_fold_and_fold_file(monkeypatch, tmp_path):
     """Skipped corrupt crops can still empty a class from a CNN fold: the error names fold and file."""
     import lesionstack.train.cnn as cnn
-    from _cnn_data import make_cnn_data
+    from helpers import make_cnn_data, tiny_cnn_config
     from lesionstack.metrics import MetricError
-    from lesionstack.train.cnn_config import load_cnn_config
 
     root = make_cnn_data(tmp_path / "d", n=16)
 
@@ -349,7 +348,7 @@ def test_a_one_class_validation_fold_in_the_cnn_names_fold_and_fold_file(monkeyp
 
     monkeypatch.setattr(cnn, "train_fold", one_class)
     with pytest.raises(MetricError, match=f"fold 0 of {re.escape(str(root / 'folds.csv'))}: .*both classes"):
-        cnn.train_cnn(root, root / "folds.csv", load_cnn_config(None, device="cpu"), tmp_path / "art")
+        cnn.train_cnn(root, root / "folds.csv", tiny_cnn_config(device="cpu"), tmp_path / "art")
 
 
 # ---- the exit-code table -------------------------------------------------------------------------------

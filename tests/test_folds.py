@@ -17,19 +17,24 @@ def _metadata(n_patients=60, seed=0, pos_rate=0.04):
                          "patient_id": patients, "target": target})
 
 
-@pytest.mark.parametrize("method", ["greedy", "sklearn"])
-@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize(("method", "seed"), [("greedy", 0), ("greedy", 1), ("greedy", 2),
+                                             ("sklearn", 0), ("sklearn", 1), ("sklearn", 3)])
 def test_fold_guarantees(method, seed):
     meta = _metadata(seed=seed)
-    try:
-        folds = assign_folds(meta, n_folds=5, seed=seed, method=method)
-    except FoldError as err:  # scikit-learn's splitter is checked, not trusted; greedy must always pass
-        assert method == "sklearn" and "unbalanced" in str(err)
-        return
+    folds = assign_folds(meta, n_folds=5, seed=seed, method=method)
     assert folds["isic_id"].tolist() == meta["isic_id"].tolist()  # every row once, same order
     assert (folds.groupby("patient_id")["fold"].nunique() == 1).all()  # no patient in two folds
     pos = folds.groupby("fold")["target"].sum()
     assert len(pos) == 5 and pos.max() - pos.min() <= max(1, int(0.1 * pos.max()))
+
+
+def test_sklearn_split_is_checked_not_trusted():
+    """scikit-learn's StratifiedGroupKFold leaves this set's positives 18/18/18/19/17: refused by name (greedy
+    balances the same set within one positive)."""
+    with pytest.raises(FoldError, match=r"positives per fold are unbalanced: \[18, 18, 18, 19, 17\]"):
+        assign_folds(_metadata(seed=2), n_folds=5, seed=2, method="sklearn")
+    pos = assign_folds(_metadata(seed=2), n_folds=5, seed=2).groupby("fold")["target"].sum()
+    assert pos.max() - pos.min() <= 1
 
 
 def test_greedy_balances_lesions_too():

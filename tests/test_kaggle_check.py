@@ -21,12 +21,12 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import TINY_RUN
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.inference.package import MANIFEST, Target, check_wheels, image_targets, package, read_image
 from lesionstack.inference.submit import predict
 from lesionstack.pipeline import run
 from lesionstack.run_config import load_run_config
-from test_pipeline import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.kaggle

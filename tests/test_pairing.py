@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import REAL_META, TINY_STACK, make_stack_inputs
 from lesionstack.errors import classify
 from lesionstack.files import read_json, write_json
 from lesionstack.paths import ArtifactPaths
@@ -25,7 +26,6 @@ from lesionstack.tabular.score_shift import compare
 from lesionstack.tabular.stack import train_stack
 from lesionstack.tabular.stack_config import StackConfig, StackError
 from lesionstack.tabular.stack_predict import predict_stack
-from test_stack import REAL_META, TINY, make_stack_inputs
 
 N_TRAIN, N_TEST = 300, 45
 
@@ -41,7 +41,7 @@ def record_cnn_folds(art: ArtifactPaths, n_folds: int) -> None:
 def paired(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactPaths, pd.DataFrame, pd.DataFrame]:
     """A trained stack (3 folds, proxy CNN) and a test set: its metadata and per-fold test scores."""
     feats, art, cnn = make_stack_inputs(tmp_path_factory.mktemp("pairing"), n=N_TRAIN)
-    train_stack(feats, art.folds, art, StackConfig(**TINY), cnn_oof=cnn)
+    train_stack(feats, art.folds, art, StackConfig(**TINY_STACK), cnn_oof=cnn)
     record_cnn_folds(art, 3)
     meta = pd.read_csv(REAL_META).iloc[N_TRAIN:N_TRAIN + N_TEST].reset_index(drop=True)
     rng = np.random.default_rng(1)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from _student import train_tiny_student
+from helpers import train_tiny_student
 from lesionstack.config import ConfigError
 from lesionstack.data.augment import (
     AugmentConfig,

@@ -17,25 +17,13 @@ import pytest
 import torch
 import yaml
 
+from helpers import TINY_RUN
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.paths import ArtifactPaths
 from lesionstack.pipeline import format_summary, run
 from lesionstack.run_config import load_run_config
 
 REPO = Path(__file__).resolve().parents[1]
-
-# A run small enough for a test: 2 folds, timm's tiny test nets, 32-px crops, one seed of each GBDT.
-TINY_RUN = {
-    "folds": {"n_folds": 2, "seed": 0},
-    "segmenter": {"encoder": "test_resnet", "image_size": 32, "epochs": 2, "batch_size": 8, "load_workers": 1},
-    "cnn": {"model": {"classifier": "test_resnet", "segmenter_encoder": "test_resnet", "gate": "train"},
-            "image_size": 32, "batch_size": 16, "eval_batch_size": 64, "epochs": 2, "lr": 1e-3,
-            "num_workers": 0, "progress": False},
-    "stack": {"seeds": [0], "n_rounds": 20, "neg_pos_ratio": 0, "n_jobs": 1},
-    "tune": {"enabled": False},
-    "report": True,
-}
-
 
 @pytest.fixture(scope="module")
 def tiny_data(tmp_path_factory) -> Path:

@@ -13,11 +13,10 @@ import pandas as pd
 import pytest
 import torch
 
-from _cnn_data import make_cnn_data
+from helpers import make_cnn_data, tiny_cnn_config
 from lesionstack.data.dataset import CropDataset
 from lesionstack.folds import read_folds
 from lesionstack.inference.predictor import Predictor, PredictorError
-from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths
 from lesionstack.runtime import RunSettings, Runtime, predict_logits, sigmoid
 from lesionstack.train.cnn import train_cnn
@@ -32,9 +31,7 @@ CPU = torch.device("cpu")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, CNNConfig]:
     root = make_cnn_data(tmp_path_factory.mktemp("data"), n_test=6)
     out = tmp_path_factory.mktemp("art")
-    model = ModelConfig(classifier="test_resnet", segmenter_encoder="test_resnet", gate="train")
-    cfg = CNNConfig(model=model, image_size=32, batch_size=8, eval_batch_size=4, epochs=1, lr=1e-3,
-                    num_workers=0, cpu_threads=1, progress=False)
+    cfg = tiny_cnn_config("train", epochs=1, eval_batch_size=4, warmup_epochs=1.0)
     train_cnn(root, root / "folds.csv", cfg, out)
     return root, out, cfg
 

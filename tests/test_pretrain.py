@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from _cnn_data import make_cnn_data
+from helpers import make_cnn_data, tiny_cnn_config
 from lesionstack.config import ConfigError
 from lesionstack.data.archive import BENIGN, INDETERMINATE, MALIGNANT
 from lesionstack.data.synthetic_archive import write_archive_demo
@@ -22,7 +22,6 @@ from lesionstack.runtime import load_weights
 from lesionstack.train import cnn, cnn_fold
 from lesionstack.train.cnn_config import ArchiveConfig
 from lesionstack.train.pretrain import archive_targets, pretrain_files
-from test_train_cnn import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +43,7 @@ def test_targets_and_config_checks() -> None:
 def test_folds_fine_tune_from_the_archive_weights(archive: Path, tmp_path: Path, monkeypatch, caplog) -> None:
     root = make_cnn_data(tmp_path / "data")
     out = tmp_path / "art"
-    cfg = tiny_config(gate="none", epochs=1, archive=ArchiveConfig(dir=str(archive), epochs=1))
+    cfg = tiny_cnn_config(gate="none", epochs=1, archive=ArchiveConfig(dir=str(archive), epochs=1))
     started: list[bool] = []
     real = cnn_fold.load_init_weights  # where each fold's network is built
 

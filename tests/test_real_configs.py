@@ -12,10 +12,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from _cnn_data import make_cnn_data
+from helpers import make_cnn_data, tiny_cnn_config
 from lesionstack.config import ConfigError, read_config_dict
 from lesionstack.files import read_json
-from lesionstack.models import ModelConfig
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.pipeline import _segmenter, run
 from lesionstack.run_config import load_run_config
@@ -31,10 +30,7 @@ REAL_TRAIN_POSITIVES, REAL_VAL_CROPS = round(393 * 4 / 5), round(401_059 / 5)
 
 
 def tiny(gate: str = "train", **changes: object) -> CNNConfig:
-    model = ModelConfig(classifier="test_resnet", segmenter_encoder="test_resnet", gate=gate)
-    cfg = CNNConfig(model=model, image_size=32, batch_size=8, eval_batch_size=32, epochs=1, lr=1e-3,
-                    warmup_epochs=0.5, num_workers=0, cpu_threads=1, progress=False)
-    return dataclasses.replace(cfg, **changes)
+    return tiny_cnn_config(gate, **{"epochs": 1, **changes})
 
 
 @pytest.mark.parametrize("path", REAL_CNN, ids=lambda p: p.name)

@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from safetensors.torch import save_file
 
-from _cnn_data import crop_jpeg, make_cnn_data
+from helpers import TINY_STACK, crop_jpeg, make_cnn_data, make_stack_inputs, tiny_cnn_config
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.files import read_json, write_text
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
@@ -28,8 +28,6 @@ from lesionstack.tabular.stack import train_stack
 from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.tune import tune
 from lesionstack.train.cnn import train_cnn
-from test_stack import TINY, make_stack_inputs
-from test_train_cnn import tiny_config
 
 
 @dataclasses.dataclass
@@ -68,7 +66,7 @@ def test_frame_digest_sees_values_not_only_columns() -> None:
 def cnn_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = make_cnn_data(tmp_path_factory.mktemp("resume_cnn_data"))
     out = tmp_path_factory.mktemp("resume_cnn_art")
-    train_cnn(root, root / "folds.csv", tiny_config(epochs=1), out)
+    train_cnn(root, root / "folds.csv", tiny_cnn_config(epochs=1), out)
     return root, out
 
 
@@ -86,7 +84,7 @@ def test_cnn_fold_refuses_other_training_crops(cnn_run: tuple[Path, Path], tmp_p
     _rewrite_crop(data / "train-image.hdf5", "ISIC_0000003", crop_jpeg(np.random.default_rng(9), False, size=48))
     assert images_digest(data / "train-image.hdf5") != before
     with pytest.raises(ResumeError, match=r"cnn/fold_\d was made from other inputs than now: train_images changed"):
-        train_cnn(data, data / "folds.csv", tiny_config(epochs=1), out)
+        train_cnn(data, data / "folds.csv", tiny_cnn_config(epochs=1), out)
 
 
 def test_cnn_scores_are_rescored_when_fold_models_or_test_crops_change(cnn_run: tuple[Path, Path], tmp_path: Path,
@@ -96,7 +94,7 @@ def test_cnn_scores_are_rescored_when_fold_models_or_test_crops_change(cnn_run: 
     data, out = tmp_path / "data", tmp_path / "art"
     shutil.copytree(root, data)
     shutil.copytree(trained, out)
-    art, cfg = ArtifactPaths(out), tiny_config(epochs=1)
+    art, cfg = ArtifactPaths(out), tiny_cnn_config(epochs=1)
     oof_before, test_before = pd.read_parquet(art.oof_cnn), pd.read_parquet(art.test_cnn)
     with caplog.at_level(logging.INFO, logger="lesionstack"):
         train_cnn(data, data / "folds.csv", cfg, out)  # unchanged: reused, not rescored
@@ -174,7 +172,7 @@ def _tabular(feats: pd.DataFrame) -> pd.DataFrame:
 
 def test_tuning_study_refuses_other_feature_values(stack_inputs: tuple) -> None:
     feats, art, _ = stack_inputs
-    cfg = StackConfig(**{**TINY, "models": ("lgbm",)})
+    cfg = StackConfig(**{**TINY_STACK, "models": ("lgbm",)})
     tune(_tabular(feats), art.folds, art, cfg, n_trials=1)
     changed = _tabular(feats).assign(age_approx=feats["age_approx"] + 5)  # same columns, other values
     with pytest.raises(ResumeError, match=r"tune was made from other inputs than now: features changed"):
@@ -185,7 +183,7 @@ def test_tuning_study_refuses_other_feature_values(stack_inputs: tuple) -> None:
 
 def test_best_params_are_refused_for_other_folds(stack_inputs: tuple) -> None:
     feats, art, _ = stack_inputs
-    cfg = StackConfig(**{**TINY, "models": ("lgbm",)})
+    cfg = StackConfig(**{**TINY_STACK, "models": ("lgbm",)})
     tune(_tabular(feats), art.folds, art, cfg, n_trials=1)
     folds = pd.read_csv(art.folds)
     folds["fold"] = (folds["fold"] + 1) % 3  # the same groups, renumbered: another assignment
@@ -198,7 +196,7 @@ def test_best_params_are_refused_for_other_folds(stack_inputs: tuple) -> None:
 
 def test_stack_folds_refuse_other_feature_values_with_the_same_columns(stack_inputs: tuple) -> None:
     feats, art, cnn = stack_inputs
-    cfg = StackConfig(**{**TINY, "models": ("lgbm",), "train_tabular": False})
+    cfg = StackConfig(**{**TINY_STACK, "models": ("lgbm",), "train_tabular": False})
     train_stack(feats, art.folds, art, cfg, cnn_oof=cnn)
     changed = feats.assign(age_approx=feats["age_approx"] + 5)
     assert list(changed.columns) == list(feats.columns)

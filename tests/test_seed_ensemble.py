@@ -14,12 +14,12 @@ import pandas as pd
 import pytest
 import torch
 
-from _cnn_data import make_cnn_data
+from helpers import make_cnn_data, tiny_cnn_config
 from lesionstack.config import ConfigError, read_config_dict
 from lesionstack.data.dataset import CropDataset
 from lesionstack.inference.package import halve_cnn_weights
 from lesionstack.inference.predictor import Predictor
-from lesionstack.models import ModelConfig, SeedEnsemble
+from lesionstack.models import SeedEnsemble
 from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError
 from lesionstack.runtime import DistContext, RunSettings, Runtime, load_weights, predict_logits, sigmoid
@@ -33,10 +33,7 @@ CPU = torch.device("cpu")
 
 
 def tiny_config(**changes: object) -> CNNConfig:
-    model = ModelConfig(classifier="test_resnet", segmenter_encoder="test_resnet", gate="freeze")
-    cfg = CNNConfig(model=model, image_size=32, batch_size=8, eval_batch_size=32, epochs=1, lr=1e-3,
-                    warmup_epochs=0.5, num_workers=0, cpu_threads=1, progress=False)
-    return dataclasses.replace(cfg, **changes)
+    return tiny_cnn_config("freeze", **{"epochs": 1, **changes})
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +149,7 @@ def test_fp16_bundle_weights_reach_every_member(ensemble: tuple[Path, Path, CNNC
 
 
 def test_seeds_per_fold_must_be_positive_and_a_student_has_one() -> None:
-    with pytest.raises(ConfigError, match="seeds_per_fold must be >= 1"):
+    with pytest.raises(ConfigError, match="seeds_per_fold: expected an integer >= 1, got 0"):
         tiny_config(seeds_per_fold=0)
-    with pytest.raises(ConfigError, match="seeds_per_fold must be 1"):
+    with pytest.raises(ConfigError, match=r"seeds_per_fold: expected 1 \(a student fold is one model\), got 2"):
         DistillConfig(seeds_per_fold=2)

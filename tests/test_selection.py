@@ -49,19 +49,19 @@ def test_caveat_only_when_something_was_chosen_on_the_scored_folds() -> None:
 
 
 def test_train_stack_writes_the_flags_into_cv_json(tmp_path: Path, shared_data: Path) -> None:
+    from helpers import TINY_STACK, make_stack_inputs
     from lesionstack.files import read_json
     from lesionstack.tabular.stack import train_stack
     from lesionstack.tabular.stack_config import StackConfig
-    from test_stack import TINY, make_stack_inputs
 
-    cfg = StackConfig(**{**TINY, "models": ["lgbm"]})
+    cfg = StackConfig(**{**TINY_STACK, "models": ["lgbm"]})
     feats, art, cnn = make_stack_inputs(tmp_path / "plain", n=300)
     train_stack(feats, art.folds, art, cfg, cnn_oof=cnn)
     assert read_json(art.cv_json)["selection"] == {"tuned_on_same_folds": False,
                                                    "cnn_epoch_selected_on_scored_fold": False}
     feats, art, cnn = make_stack_inputs(tmp_path / "tuned", n=300)
     cnn_folds(art.root, ["best"] * 3)  # blend weights fitted on the OOF: tuned on the same folds
-    train_stack(feats, art.folds, art, StackConfig(**{**TINY, "models": ["lgbm", "xgboost"], "blend": "weights"}),
+    train_stack(feats, art.folds, art, StackConfig(**{**TINY_STACK, "models": ["lgbm", "xgboost"], "blend": "weights"}),
                 cnn_oof=cnn)
     assert read_json(art.cv_json)["selection"] == {"tuned_on_same_folds": True,
                                                    "cnn_epoch_selected_on_scored_fold": True}

@@ -6,12 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import os
-import socket
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +18,7 @@ fastapi = pytest.importorskip("fastapi")
 from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from helpers import big_jpeg, encode, open_files, post, real_crop, running, slow_upload  # noqa: E402
 from lesionstack.inference.serve import Analyser, check_host, create_app, load_predictor  # noqa: E402
 from lesionstack.inference.upload import Limits  # noqa: E402
 
@@ -37,16 +33,6 @@ def client(analyser: Analyser) -> TestClient:
     return TestClient(create_app(analyser))
 
 
-def real_crop(shared_data: Path) -> bytes:
-    return (shared_data / "isic2024-real-crops" / "ISIC_0015670.jpg").read_bytes()
-
-
-def encode(img: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format=fmt, **kwargs)
-    return buffer.getvalue()
-
-
 def skin(width: int = 96, height: int = 64, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     image = (rng.random((height, width, 3)) * 40 + np.array([170, 120, 100])).astype(np.uint8)
@@ -57,10 +43,6 @@ def skin(width: int = 96, height: int = 64, seed: int = 0) -> np.ndarray:
 def gray16() -> np.ndarray:
     """The skin picture as a 16-bit grayscale array (a PNG of it has Pillow mode I;16)."""
     return np.asarray(Image.fromarray(skin()).convert("L")).astype(np.uint16) * 257
-
-
-def post(client: TestClient, data: bytes, name: str = "photo.jpg", **fields: str):
-    return client.post("/api/predict", files={"image": (name, data, "image/jpeg")}, data=fields)
 
 
 # ---- good input ---------------------------------------------------------------------------------------
@@ -279,74 +261,6 @@ def test_the_cli_refuses_a_public_host_without_a_token(tiny_bundle):
 
 
 # ---- privacy: an upload never touches the disk ---------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def running(app: object) -> Iterator[str]:
-    """A real uvicorn server in a thread of this process, so /proc/self/fd is the server's."""
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-
-
-def open_files() -> set[str]:
-    """What this process's file descriptors point at, sockets, pipes and devices left out."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue  # closed meanwhile
-        if target.startswith("/") and not target.startswith("/dev/"):
-            out.add(target)
-    return out
-
-
-def big_jpeg(min_bytes: int = 5_000_000) -> bytes:
-    """A photo-sized JPEG of at least `min_bytes` (noise barely compresses)."""
-    rng = np.random.default_rng(0)
-    data = encode(Image.fromarray(rng.integers(0, 256, (1800, 1800, 3), dtype=np.uint8)), "JPEG", quality=100)
-    assert len(data) >= min_bytes, len(data)
-    return data
-
-
-def slow_upload(url: str, image: bytes, during: list[set[str]]) -> int:
-    """POST a multipart body in 256 kB pieces, recording the open files after each piece is sent (the
-    server holds the part read so far: Starlette's own parser would have spooled it to a file by now)."""
-    import httpx
-
-    boundary = "privacy-test-boundary"
-    head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"big.jpg\"\r\n"
-            "Content-Type: image/jpeg\r\n\r\n").encode()
-    tail = f"\r\n--{boundary}--\r\n".encode()
-    body = head + image + tail
-
-    def pieces() -> Iterator[bytes]:
-        for start in range(0, len(body), 256 * 1024):
-            yield body[start:start + 256 * 1024]
-            time.sleep(0.02)
-            during.append(open_files())
-
-    headers = {"content-type": f"multipart/form-data; boundary={boundary}", "content-length": str(len(body))}
-    return httpx.post(url, content=pieces(), headers=headers, timeout=120).status_code
 
 
 def test_a_5_mb_upload_never_creates_a_file(analyser, tmp_path, monkeypatch):

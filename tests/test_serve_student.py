@@ -1,6 +1,6 @@
 """`serve` with the exported ONNX student: which model a bundle serves with (`pick_model`), the answer scored by
 ONNX Runtime and saying so, its rank against the student's own OOF scores, int8 on request, and the same
-no-storage guarantee as the CNN. A tiny distilled student (tests/_student.py) exported into ARTIFACTS/export."""
+no-storage guarantee as the CNN. A tiny distilled student (tests/helpers.py) exported into ARTIFACTS/export."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pytest
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from helpers import big_jpeg, open_files, post, real_crop, running, slow_upload  # noqa: E402
 from lesionstack.data.decode import decode_input  # noqa: E402
 from lesionstack.inference.export import FP32_FILE, INT8_FILE, OnnxStudent  # noqa: E402
 from lesionstack.inference.serve import (  # noqa: E402
@@ -23,7 +24,6 @@ from lesionstack.inference.serve import (  # noqa: E402
     load_analyser,
     pick_model,
 )
-from test_serve import big_jpeg, open_files, post, real_crop, running, slow_upload  # noqa: E402
 
 
 @pytest.fixture(scope="module")

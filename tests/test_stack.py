@@ -15,9 +15,8 @@ import pytest
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 
-from conftest import SHARED_DATA
+from helpers import REAL_META, TINY_STACK, make_stack_inputs
 from lesionstack.config import ConfigError
-from lesionstack.folds import assign_folds
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular.estimator import GBDTStacker, load_models, undersample
 from lesionstack.tabular.features import build_features
@@ -26,33 +25,11 @@ from lesionstack.tabular.stack import check_cnn_oof, train_stack
 from lesionstack.tabular.stack_config import StackConfig, StackError
 from lesionstack.tabular.stack_predict import predict_stack
 
-REAL_META = SHARED_DATA / "isic2024-real-metadata" / "train-metadata-first1000-no-target.csv"
-TINY = dict(seeds=(0,), n_rounds=20, learning_rate=0.1, max_depth=3, num_leaves=7, neg_pos_ratio=10.0,
-            n_jobs=1, params={"catboost": {"border_count": 16}})
-
-
-def make_stack_inputs(root: Path, n: int = 600) -> tuple[pd.DataFrame, ArtifactPaths, pd.DataFrame]:
-    """Features (with proxy CNN scores), artifacts with folds.csv, and the proxy CNN OOF frame."""
-    meta = pd.read_csv(REAL_META).head(n).reset_index(drop=True)
-    rng = np.random.default_rng(0)
-    tab = np.log1p(meta["tbp_lv_areaMM2"]) + meta["tbp_lv_deltaLBnorm"] / meta["tbp_lv_deltaLBnorm"].std()
-    tab = (tab - tab.mean()) / tab.std()
-    image_cue = rng.normal(size=n)
-    latent = tab + image_cue + 0.5 * rng.normal(size=n)
-    meta["target"] = (latent > np.quantile(latent, 0.92)).astype(int)
-    art = ArtifactPaths(root)
-    folds = assign_folds(meta, n_folds=3, seed=0)
-    art.root.mkdir(parents=True, exist_ok=True)
-    folds.to_csv(art.folds, index=False)
-    proxy = 1 / (1 + np.exp(-(image_cue + 0.7 * rng.normal(size=n))))  # PROXY CNN score, not a model
-    cnn_oof = pd.DataFrame({"isic_id": meta["isic_id"], "fold": folds["fold"], "score": proxy})
-    return build_features(meta, cnn_oof[["isic_id", "score"]]), art, cnn_oof
-
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[pd.DataFrame, ArtifactPaths, pd.DataFrame, dict]:
     feats, art, cnn = make_stack_inputs(tmp_path_factory.mktemp("stack"))
-    cv = train_stack(feats, art.folds, art, StackConfig(**TINY), cnn_oof=cnn)
+    cv = train_stack(feats, art.folds, art, StackConfig(**TINY_STACK), cnn_oof=cnn)
     return feats, art, cnn, cv
 
 
@@ -99,11 +76,11 @@ def test_rerun_skips_finished_folds_refuses_other_config_and_predicts(trained: t
     feats, art, cnn, cv = trained
     before = art.stack_fold(0).done.stat().st_mtime_ns
     with caplog.at_level(logging.INFO, logger="lesionstack"):
-        again = train_stack(feats, art.folds, art, StackConfig(**TINY), cnn_oof=cnn)
+        again = train_stack(feats, art.folds, art, StackConfig(**TINY_STACK), cnn_oof=cnn)
     assert again["models"] == cv["models"] and art.stack_fold(0).done.stat().st_mtime_ns == before
     assert sum("reusing" in m for m in caplog.messages) == 3
     with pytest.raises(ConfigError, match="n_rounds"):
-        train_stack(feats, art.folds, art, StackConfig(**{**TINY, "n_rounds": 21}), cnn_oof=cnn)
+        train_stack(feats, art.folds, art, StackConfig(**{**TINY_STACK, "n_rounds": 21}), cnn_oof=cnn)
     pred = predict_stack(feats.head(40), art, pairing="mean")  # fold pairing: tests/test_pairing.py
     assert list(pred.columns) == ["isic_id", "score"] and len(pred) == 40 and pred["score"].between(0, 1).all()
     with pytest.raises(StackError, match="test features hold none"):
@@ -113,7 +90,7 @@ def test_rerun_skips_finished_folds_refuses_other_config_and_predicts(trained: t
 def test_cnn_oof_guards(tmp_path: Path) -> None:
     feats, art, cnn = make_stack_inputs(tmp_path, n=200)
     folds = pd.read_csv(art.folds)
-    cfg = StackConfig(**TINY)
+    cfg = StackConfig(**TINY_STACK)
     with pytest.raises(StackError, match=r"1 missing \(e.g. \['ISIC_"):
         train_stack(feats, art.folds, art, cfg, cnn_oof=cnn.iloc[1:])
     with pytest.raises(StackError, match=r"2 repeated"):
@@ -136,11 +113,11 @@ def test_finished_folds_are_not_reused_with_other_inputs(trained: tuple) -> None
     feats, art, cnn, _ = trained
     tabular_only = feats.drop(columns=[c for c in feats if c.startswith("cnn_")])
     with pytest.raises(ConfigError, match="other inputs .*features changed"):
-        train_stack(tabular_only, art.folds, art, StackConfig(**TINY), cnn_oof=cnn)
+        train_stack(tabular_only, art.folds, art, StackConfig(**TINY_STACK), cnn_oof=cnn)
     shifted = cnn.assign(score=cnn["score"].to_numpy()[::-1])
     with pytest.raises(ConfigError, match="other inputs .*cnn_scores"):
         train_stack(build_features(pd.read_csv(REAL_META).head(len(feats)), shifted[["isic_id", "score"]]),
-                    art.folds, art, StackConfig(**TINY), cnn_oof=shifted)
+                    art.folds, art, StackConfig(**TINY_STACK), cnn_oof=shifted)
 
 
 def test_parallel_fits_give_the_same_models(trained: tuple, tmp_path: Path, caplog) -> None:
@@ -150,10 +127,10 @@ def test_parallel_fits_give_the_same_models(trained: tuple, tmp_path: Path, capl
     other = ArtifactPaths(tmp_path)
     other.root.mkdir(exist_ok=True)
     pd.read_csv(art.folds).to_csv(other.folds, index=False)
-    again = train_stack(feats, other.folds, other, StackConfig(**TINY, workers=2), cnn_oof=cnn)
+    again = train_stack(feats, other.folds, other, StackConfig(**TINY_STACK, workers=2), cnn_oof=cnn)
     assert again["models"] == cv["models"]
     with caplog.at_level(logging.INFO, logger="lesionstack"):
-        train_stack(feats, art.folds, art, StackConfig(**TINY, workers=2), cnn_oof=cnn)
+        train_stack(feats, art.folds, art, StackConfig(**TINY_STACK, workers=2), cnn_oof=cnn)
     assert sum("reusing" in r.getMessage() for r in caplog.records) == 3
 
 
@@ -162,9 +139,9 @@ def test_tabular_seeds_fit_only_the_fallback_variant_with_fewer_seeds(trained: t
     other = ArtifactPaths(tmp_path)
     other.root.mkdir(exist_ok=True)
     pd.read_csv(art.folds).to_csv(other.folds, index=False)
-    cfg = StackConfig(**{**TINY, "models": ["lgbm"], "seeds": (0, 1), "tabular_seeds": (0,)})
+    cfg = StackConfig(**{**TINY_STACK, "models": ["lgbm"], "seeds": (0, 1), "tabular_seeds": (0,)})
     train_stack(feats, other.folds, other, cfg, cnn_oof=cnn)
     fitted = load_models(other.stack_fold(0).dir)
     assert fitted["lgbm"].seeds == (0, 1) and fitted["tabular_lgbm"].seeds == (0,)
-    with pytest.raises(StackError, match="tabular_seeds"):
+    with pytest.raises(ConfigError, match=r"^tabular_seeds: expected a list of at least one seed or null, got \[\]$"):
         StackConfig(tabular_seeds=())

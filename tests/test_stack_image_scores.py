@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import TINY_STACK, make_stack_inputs
 from lesionstack.files import read_json
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular import image_scores, stack
@@ -18,9 +19,8 @@ from lesionstack.tabular.outliers import LOF_COLUMN
 from lesionstack.tabular.stack import train_stack
 from lesionstack.tabular.stack_config import StackConfig, StackError
 from lesionstack.tabular.stack_predict import predict_stack
-from test_stack import TINY, make_stack_inputs
 
-ONE = {**TINY, "models": ("lgbm",)}
+ONE = {**TINY_STACK, "models": ("lgbm",)}
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import simplejpeg
 from PIL import Image
 
+from lesionstack.config import ConfigError
 from lesionstack.data import demo_images, demo_tables, schema
 from lesionstack.data.demo_tables import make_tables
 from lesionstack.data.synthetic import DemoDataError, DemoSpec, write_demo_data
@@ -165,9 +166,9 @@ def test_refuses_to_overwrite(tmp_path: Path) -> None:
 
 
 def test_bad_spec_is_a_clear_error() -> None:
-    with pytest.raises(DemoDataError, match="positive_rate"):
+    with pytest.raises(ConfigError, match=r"^positive_rate: expected a number in \(0, 0.5\), got 0.7$"):
         DemoSpec(positive_rate=0.7)
-    with pytest.raises(DemoDataError, match="patients"):
+    with pytest.raises(ConfigError, match=r"^patients: expected an integer >= 1, got 0$"):
         DemoSpec(patients=0)
 
 

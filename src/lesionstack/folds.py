@@ -23,12 +23,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from lesionstack.config import Range, check_fields
 from lesionstack.data.metadata import read_metadata
 from lesionstack.data.schema import ID_COLUMN, PATIENT_COLUMN, TARGET_COLUMN
 from lesionstack.files import atomic_path
@@ -46,10 +47,13 @@ class FoldError(ValueError):
 class FoldsConfig:
     """The `folds` stage: K, the seed, and the method ("greedy" or "sklearn")."""
 
-    n_folds: int = 5
+    n_folds: Annotated[int, Range(ge=2)] = 5
     seed: int = 42
-    method: str = "greedy"
+    method: Method = "greedy"
     group: str = PATIENT_COLUMN  # or e.g. "attribution": leave-institution-out folds
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)

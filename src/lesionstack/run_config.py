@@ -8,13 +8,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
-import yaml
-
-from lesionstack.config import ConfigError, config_from_dict
+from lesionstack.config import Invalid, check_fields, load_config
 from lesionstack.folds import FoldsConfig
+from lesionstack.models import check_model_names
 from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.tune import TuneSettings
 from lesionstack.train.cnn_config import CNNConfig
@@ -36,28 +33,22 @@ class RunConfig:
     diagnosis_stage: bool = False  # also train the multi-class diagnosis stage (iddx classes) before the report
     diagnosis: DiagnosisConfig = field(default_factory=DiagnosisConfig)
 
-
-STAGE_CONFIGS = {"folds": FoldsConfig, "segmenter": SegConfig, "cnn": CNNConfig, "stack": StackConfig,
-                 "tune": TuneSettings, "diagnosis": DiagnosisConfig}
+    def __post_init__(self) -> None:
+        check_fields(self)
+        model = self.cnn.model
+        if model.gate != "none" and not model.segmenter_weights and self.segmenter.encoder != model.segmenter_encoder:
+            # the segmenter `run` trains gates the CNN: caught now, not after training it
+            raise Invalid("segmenter.encoder", f"the CNN's model.segmenter_encoder ({model.segmenter_encoder}), "
+                          "so the CNN can load the segmenter run trains", self.segmenter.encoder)
 
 
 def load_run_config(path: str | os.PathLike[str] | None = None) -> RunConfig:
     """Defaults, overridden by the YAML at `path`; a stage given as a string is read from that YAML file
-    (relative to the run config's folder, else to the working directory)."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        base = Path(path).resolve().parent
-        for key, value in list(data.items()):
-            if key in STAGE_CONFIGS and isinstance(value, str):
-                data[key] = _read_stage_yaml(value, base, key, path)
-    return config_from_dict(RunConfig, data, where=str(path or "RunConfig"))
-
-
-def _read_stage_yaml(value: str, base: Path, key: str, path: str | os.PathLike[str]) -> dict[str, Any]:
-    for candidate in (base / value, Path(value)):
-        if candidate.is_file():
-            with open(candidate, encoding="utf-8") as fh:
-                return yaml.safe_load(fh) or {}
-    raise ConfigError(f"{path}: {key}: no such config file {value!r} (looked in {base} and {Path.cwd()})")
+    (relative to the run config's folder, else to the working directory). Every stage's values are checked
+    here, before the first stage runs."""
+    cfg = load_config(RunConfig, path)
+    where = str(path or "RunConfig")
+    check_model_names(cfg.cnn.model, where, "cnn.model")
+    if cfg.diagnosis_stage:
+        check_model_names(cfg.diagnosis.model, where, "diagnosis.model")
+    return cfg

@@ -13,10 +13,23 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from lesionstack.config import (
+    Invalid,
+    NonNegativeFloat,
+    PositiveFloat,
+    Probability,
+    Range,
+    check_fields,
+)
+
+Quality = Annotated[int, Range(ge=1, le=100)]  # JPEG quality
+SideFraction = Annotated[float, Range(gt=0, le=1)]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,12 +41,19 @@ class PhoneConfig:
     auto white balance, a low-resolution capture upscaled, and a messenger app's JPEG. Each crop draws its
     own strength uniformly from every range."""
 
-    p: float = 0.0  # training: probability per crop (0: off); `phone_copy` degrades every crop
-    downscale: tuple[float, float] = (0.25, 0.6)  # captured at this fraction of the side, then upscaled
-    jpeg_quality: tuple[int, int] = (30, 70)
-    blur_sigma: tuple[float, float] = (0.0, 1.2)  # Gaussian, in pixels of the crop as stored (not resized)
-    noise_std: tuple[float, float] = (0.0, 0.04)  # additive Gaussian, intensities in [0, 1]
-    white_balance: float = 0.15  # per-channel gain in [1 - w, 1 + w]
+    p: Probability = 0.0  # training: probability per crop (0: off); `phone_copy` degrades every crop
+    downscale: tuple[SideFraction, SideFraction] = (0.25, 0.6)  # captured at this fraction of the side, then upscaled
+    jpeg_quality: tuple[Quality, Quality] = (30, 70)
+    blur_sigma: tuple[NonNegativeFloat, NonNegativeFloat] = (0.0, 1.2)  # Gaussian, in pixels of the crop as stored
+    noise_std: tuple[NonNegativeFloat, NonNegativeFloat] = (0.0, 0.04)  # additive Gaussian, intensities in [0, 1]
+    white_balance: Probability = 0.15  # per-channel gain in [1 - w, 1 + w]
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        for key in ("downscale", "jpeg_quality", "blur_sigma", "noise_std"):
+            low, high = getattr(self, key)
+            if low > high:
+                raise Invalid(key, "a range [low, high] with low <= high", [low, high])
 
 
 @dataclass
@@ -41,18 +61,23 @@ class AugmentConfig:
     """Per-sample random transforms; set `enabled: false` to train on plain resized crops."""
 
     enabled: bool = True
-    hflip: float = 0.5  # probability
-    vflip: float = 0.5  # probability (a lesion has no "up" on the skin)
-    rotate_deg: float = 180.0  # uniform in [-rotate_deg, rotate_deg]
-    scale: tuple[float, float] = (0.85, 1.2)  # zoom factor range (> 1 zooms in)
-    shift: float = 0.08  # translation, fraction of the image side
-    brightness: float = 0.2  # multiply by uniform [1 - b, 1 + b]
-    contrast: float = 0.2  # around the image mean
-    saturation: float = 0.2  # blend with the grey image
-    channel_gain: float = 0.05  # per-channel gain: camera white balance
+    hflip: Probability = 0.5  # probability
+    vflip: Probability = 0.5  # probability (a lesion has no "up" on the skin)
+    rotate_deg: Annotated[float, Range(ge=0, le=180)] = 180.0  # uniform in [-rotate_deg, rotate_deg]
+    scale: tuple[PositiveFloat, PositiveFloat] = (0.85, 1.2)  # zoom factor range (> 1 zooms in)
+    shift: Probability = 0.08  # translation, fraction of the image side
+    brightness: Probability = 0.2  # multiply by uniform [1 - b, 1 + b]
+    contrast: Probability = 0.2  # around the image mean
+    saturation: Probability = 0.2  # blend with the grey image
+    channel_gain: Probability = 0.05  # per-channel gain: camera white balance
     # phone-photo degradation (off by default), applied by the training dataset at the crop's own resolution
     # (`data.dataset.PhoneCropDataset`), not here to the resized batch
     phone: PhoneConfig = field(default_factory=PhoneConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.scale[0] > self.scale[1]:
+            raise Invalid("scale", "a range [low, high] with low <= high", list(self.scale))
 
 
 def to_float(images: torch.Tensor) -> torch.Tensor:

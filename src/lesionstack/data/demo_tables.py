@@ -6,10 +6,12 @@ the label is made; the images are `data.demo_images`'.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import pandas as pd
 
+from lesionstack.config import NonNegativeInt, PositiveInt, Range, check_fields
 from lesionstack.data import schema
 
 CROP_MM = 15.0  # a TBP close-up tile shows 15 x 15 mm of skin
@@ -59,33 +61,23 @@ class DemoDataError(ValueError):
 class DemoSpec:
     """What `write_demo_data` generates. The same spec (seed included) gives byte-identical files."""
 
-    patients: int = 100  # training patients
-    lesions_per_patient: float = 30.0  # mean; counts per patient are skewed like the real data's
+    patients: PositiveInt = 100  # training patients
+    lesions_per_patient: Annotated[float, Range(ge=1)] = 30.0  # mean; skewed counts per patient, as in real data
     seed: int = 0
-    test_fraction: float = 0.1  # test patients = round(patients * test_fraction), at least 1
-    positive_rate: float = 0.03  # expected share of malignant lesions (real data: 0.1%)
-    mask_count: int = 300  # training crops copied to masks/ with their segmentation
+    test_fraction: Annotated[float, Range(ge=0, le=10)] = 0.1  # test patients = round(patients * test_fraction), >= 1
+    positive_rate: Annotated[float, Range(gt=0, lt=0.5)] = 0.03  # expected share of malignant lesions (real: 0.1%)
+    mask_count: NonNegativeInt = 300  # training crops copied to masks/ with their segmentation
     tabular_weight: float = 2.0  # logit weight of the patient-relative "ugly duckling" score
     image_weight: float = 1.8  # logit weight of the image-only cue
     age_weight: float = 0.3  # logit weight of standardised age
-    jpeg_quality: int = 90
+    jpeg_quality: Annotated[int, Range(ge=1, le=100)] = 90
     # True: malignant crops also show a cue of their diagnosis (melanoma: dark globules, basal cell carcinoma:
     # red branching vessels, squamous cell carcinoma: a white-yellow keratin scale), drawn from a separate
     # random stream after the crop, so the metadata and every other crop stay byte-identical to False
     diagnosis_cues: bool = False
 
     def __post_init__(self) -> None:
-        checks = {
-            "patients": self.patients >= 1,
-            "lesions_per_patient": self.lesions_per_patient >= 1,
-            "test_fraction": 0 <= self.test_fraction <= 10,
-            "positive_rate": 0 < self.positive_rate < 0.5,
-            "mask_count": self.mask_count >= 0,
-            "jpeg_quality": 1 <= self.jpeg_quality <= 100,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise DemoDataError(f"DemoSpec.{name}={getattr(self, name)!r} is out of range")
+        check_fields(self)
 
     @property
     def test_patients(self) -> int:

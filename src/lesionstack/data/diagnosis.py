@@ -31,6 +31,7 @@ import pandas as pd
 import polars as pl
 from sklearn.model_selection import StratifiedGroupKFold
 
+from lesionstack.config import Invalid, check_fields
 from lesionstack.data.decode import decode_image
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.schema import ID_COLUMN
@@ -76,13 +77,13 @@ class LabelMap:
     mapping: dict[str, str] = field(default_factory=lambda: dict(DEFAULT_MAPPING))
 
     def __post_init__(self) -> None:
-        self.classes = tuple(self.classes)
+        check_fields(self)
         if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
-            raise DiagnosisDataError(f"labels.classes must name at least two distinct classes, got {self.classes}")
+            raise Invalid("classes", "a list of at least two distinct class names", list(self.classes))
         bad = {k: v for k, v in self.mapping.items() if v != DROP and v not in self.classes}
         if bad:
-            raise DiagnosisDataError(f"labels.mapping sends {bad} to classes not in labels.classes "
-                                     f"{list(self.classes)} (or '{DROP}')")
+            raise Invalid("mapping", "", text=f"sends {bad} to classes not in labels.classes "
+                          f"{list(self.classes)} (or '{DROP}')")
 
     def class_of(self, path: str) -> str | None:
         """The class of one diagnosis path, or None when no mapping entry is a prefix of it."""

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from lesionstack.config import ConfigError, NonNegativeFloat, NonNegativeInt, PositiveInt, Probability, check_fields
 from lesionstack.models.classifier import build_classifier
-from lesionstack.models.gated import GATES, GatedClassifier
-from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, segmenter_decoder_channels
-
-HEAD_INITS = ("timm", "small")
+from lesionstack.models.gated import GatedClassifier
+from lesionstack.models.segmenter import (
+    DEFAULT_DECODER_CHANNELS,
+    build_segmenter,
+    import_timm,
+    segmenter_decoder_channels,
+)
 
 
 @dataclass
@@ -43,25 +48,31 @@ class ModelConfig:
 
     classifier: str = "resnet18"
     segmenter_encoder: str = "resnet18"
-    gate: str = "train"
-    segmenter_lr_scale: float = 0.1
+    gate: Literal["train", "freeze", "none"] = "train"
+    segmenter_lr_scale: NonNegativeFloat = 0.1
     classifier_weights: str | None = None
     segmenter_weights: str | None = None
-    drop_rate: float = 0.0
-    drop_path_rate: float | None = None
-    segmenter_decoder_channels: tuple[int, ...] | None = None
-    head_init: str = "timm"
-    aux_outputs: int = 0
+    drop_rate: Probability = 0.0
+    drop_path_rate: Probability | None = None
+    segmenter_decoder_channels: tuple[PositiveInt, ...] | None = None
+    head_init: Literal["timm", "small"] = "timm"
+    aux_outputs: NonNegativeInt = 0
 
     def __post_init__(self) -> None:
-        if self.head_init not in HEAD_INITS:
-            raise ValueError(f"model.head_init must be one of {HEAD_INITS}, got {self.head_init!r}")
-        if self.aux_outputs < 0:
-            raise ValueError(f"model.aux_outputs must be >= 0, got {self.aux_outputs}")
-        if self.gate not in GATES:
-            raise ValueError(f"model.gate must be one of {GATES}, got {self.gate!r}")
-        if self.segmenter_lr_scale < 0:
-            raise ValueError(f"model.segmenter_lr_scale must be >= 0, got {self.segmenter_lr_scale}")
+        check_fields(self)
+
+
+def check_model_names(cfg: ModelConfig, where: str, key: str = "model") -> None:
+    """Refuse a timm model name that timm does not know (`where`: the config file), before anything trains:
+    a typo would otherwise surface in a fold worker as timm's traceback."""
+    timm = import_timm()
+    names = [("classifier", cfg.classifier)] + ([("segmenter_encoder", cfg.segmenter_encoder)]
+                                                if cfg.gate != "none" else [])
+    for field_name, name in names:
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=3)
+            hint = f" (close: {', '.join(close)})" if close else ""
+            raise ConfigError(f"{where}: {key}.{field_name}: expected a timm model name, got {name!r}{hint}")
 
 
 def with_segmenter(cfg: ModelConfig, weights: str | os.PathLike[str]) -> ModelConfig:

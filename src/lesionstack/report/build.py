@@ -5,13 +5,22 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from lesionstack.config import load_config, read_config_dict, save_config
+from lesionstack.config import (
+    Fraction,
+    NonNegativeInt,
+    PositiveInt,
+    Range,
+    check_fields,
+    load_config,
+    read_config_dict,
+    save_config,
+)
 from lesionstack.files import read_json, write_text
 from lesionstack.folds import fold_group
 from lesionstack.metrics import PAUC_CONSTANT, pauc, roc_auc
@@ -27,19 +36,22 @@ from lesionstack.report.shift import shift_part
 class ReportConfig:
     """What the report computes. Defaults suit the real data; a YAML under configs/report/ overrides."""
 
-    stated_sensitivity: float = 0.90  # the confusion matrix is drawn at the threshold reaching this
-    specificity_target: float = 0.95
-    sensitivity_target: float = 0.95
-    n_bootstrap: int = 500  # per model; about 15-60 ms each on the real 401k rows (2 CPU cores)
-    subgroup_bootstrap: int = 200  # per subgroup level (sex, age band, site, institution, tile type)
-    prevalence: float = 0.001  # PPV and NPV are stated at this share of malignant lesions (real data: 0.1%)
-    ci_level: float = 0.95
+    stated_sensitivity: Fraction = 0.90  # the confusion matrix is drawn at the threshold reaching this
+    specificity_target: Fraction = 0.95
+    sensitivity_target: Fraction = 0.95
+    n_bootstrap: PositiveInt = 500  # per model; about 15-60 ms each on the real 401k rows (2 CPU cores)
+    subgroup_bootstrap: PositiveInt = 200  # per subgroup level (sex, age band, site, institution, tile type)
+    prevalence: Fraction = 0.001  # PPV and NPV are stated at this share of malignant lesions (real data: 0.1%)
+    ci_level: Fraction = 0.95
     seed: int = 0
-    top_features: int = 30
-    montage_per_group: int = 6
-    calibration_bins: int = 10
-    calibration_min_bin: int = 30  # lesions in the finest (top-score) calibration bin
-    dpi: int = 110
+    top_features: PositiveInt = 30
+    montage_per_group: NonNegativeInt = 6
+    calibration_bins: Annotated[int, Range(ge=2)] = 10
+    calibration_min_bin: PositiveInt = 30  # lesions in the finest (top-score) calibration bin
+    dpi: Annotated[int, Range(ge=10)] = 110
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 ROC_MODELS = ("cnn", "tabular", "blend")

@@ -41,7 +41,7 @@ from lesionstack.tabular.features import CNN_PREFIX, has_cnn
 from lesionstack.tabular.image_scores import add_noise, standardise_training
 from lesionstack.tabular.outliers import LOF_COLUMN
 from lesionstack.tabular.selection import selection_flags
-from lesionstack.tabular.stack_config import RUNTIME_KEYS, TUNE_IGNORE, StackConfig, StackError
+from lesionstack.tabular.stack_config import TUNE_IGNORE, StackConfig, StackError
 from lesionstack.tabular.stack_predict import TABULAR, _load_features
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def train_stack(features: str | os.PathLike[str] | pd.DataFrame, folds_path: str
         ff = artifacts.stack_fold(k)
         # no checkpoint: an unfinished fold restarts; a finished one is reused only for the same config
         # and inputs, and refused otherwise (the message names the changed key)
-        if guard(ff, cfg, inputs, ignore=RUNTIME_KEYS, partial=()) is Resume.SKIP:
+        if guard(ff, cfg, inputs, partial=()) is Resume.SKIP:
             log.info("fold %d: finished before, reusing %s", k, ff.dir)
             parts.append(pd.read_parquet(ff.oof))
             continue

@@ -20,6 +20,7 @@ import numpy as np
 import optuna
 import pandas as pd
 
+from lesionstack.config import PositiveFloat, PositiveInt, check_fields
 from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.files import file_lock, read_json, write_json
 from lesionstack.folds import read_folds
@@ -31,7 +32,7 @@ from lesionstack.tabular.features import CNN_PREFIX
 from lesionstack.tabular.gbdt import family
 from lesionstack.tabular.outliers import LOF_COLUMN
 from lesionstack.tabular.stack import align_features, tuning_inputs, with_params
-from lesionstack.tabular.stack_config import TUNE_IGNORE, StackConfig, StackError
+from lesionstack.tabular.stack_config import TUNE_IGNORE, ModelName, StackConfig, StackError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,15 @@ class TuneSettings:
     """The `tune` stage: which family, how many trials, where the study lives (`run` tunes when enabled)."""
 
     enabled: bool = False  # used by `lesionstack run` only; the `tune` command always tunes
-    model: str = "lgbm"
-    n_trials: int | None = 20  # trials for this process; None: until `timeout`
-    timeout: float | None = None  # seconds after which no new trial starts
+    model: ModelName = "lgbm"
+    n_trials: PositiveInt | None = 20  # trials for this process; None: until `timeout`
+    timeout: PositiveFloat | None = None  # seconds after which no new trial starts
     storage: str | None = None  # an Optuna RDB URL shared by workers; default SQLite at artifacts.study_db
     study_name: str | None = None  # default stack-MODEL
     seed: int = 0  # sampler seed (offset by the trials already stored)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from lesionstack.config import ConfigError
+from lesionstack.config import ConfigError, NonNegativeFloat, check_fields
 from lesionstack.data.diagnosis import DiagnosisDataError, LabelMap, read_iddx_classes
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.resume import frame_digest
@@ -47,12 +47,11 @@ AUX_COLUMN = "aux_class"  # the fold table's column of diagnosis classes while t
 class AuxDiagnosisConfig:
     """The auxiliary diagnosis heads: the loss weight and the iddx -> class mapping."""
 
-    weight: float = 0.3
+    weight: NonNegativeFloat = 0.3
     labels: LabelMap = field(default_factory=LabelMap)
 
     def __post_init__(self) -> None:
-        if not self.weight >= 0:
-            raise ConfigError(f"aux_diagnosis.weight must be >= 0, got {self.weight}")
+        check_fields(self)
 
 
 def aux_outputs(cfg: AuxDiagnosisConfig | None) -> int:

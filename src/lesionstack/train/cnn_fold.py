@@ -38,7 +38,7 @@ from lesionstack.runtime import (
     sync_buffers,
 )
 from lesionstack.train.aux_heads import with_aux_loss
-from lesionstack.train.cnn_config import INIT_KEYS, MONITOR_KEYS, PROVENANCE_KEYS, RUNTIME_KEYS, CNNConfig
+from lesionstack.train.cnn_config import INIT_KEYS, MONITOR_KEYS, PROVENANCE_KEYS, CNNConfig
 from lesionstack.train.ema import WeightEMA
 from lesionstack.train.loop import (
     EpochHook,
@@ -151,7 +151,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
 def guard_ignore(cfg: CNNConfig) -> tuple[str, ...]:
     """The config keys a finished or checkpointed fold may differ in: speed, provenance, and with keep: last
     the monitoring keys (validation there cannot change the weights)."""
-    return RUNTIME_KEYS + PROVENANCE_KEYS + INIT_KEYS + (MONITOR_KEYS if cfg.keep == "last" else ())
+    return PROVENANCE_KEYS + INIT_KEYS + (MONITOR_KEYS if cfg.keep == "last" else ())  # runtime() fields aside
 
 
 def training_and_validation_rows(folds: pd.DataFrame, fold: int, cfg: CNNConfig) -> tuple[pd.DataFrame, pd.DataFrame]:

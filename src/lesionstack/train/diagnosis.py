@@ -55,7 +55,6 @@ from lesionstack.models import build_model
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 from lesionstack.resume import Resume, guard
 from lesionstack.runtime import RunSettings, Runtime, make_loader, model_logits, save_weights, seed_everything
-from lesionstack.train.cnn_config import RUNTIME_KEYS
 from lesionstack.train.diagnosis_config import DiagnosisConfig
 from lesionstack.train.loop import (
     FoldState,
@@ -157,7 +156,7 @@ def train_fold(fold: int, data: DiagnosisData, folds: pd.DataFrame, cfg: Diagnos
     content. `resume.guard` refuses a finished or checkpointed fold made by another config, other folds or
     other classes."""
     inputs = {"folds": folds_digest(folds), "classes": list(data.classes)}
-    if guard(files, cfg, inputs, ignore=RUNTIME_KEYS) is Resume.SKIP:
+    if guard(files, cfg, inputs) is Resume.SKIP:
         log.info("diagnosis fold %d: already done, skipped (%s)", fold, files.done)
         return read_json(files.metrics)
     k = len(data.classes)

@@ -8,32 +8,29 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
-from lesionstack.config import ConfigError, load_config
-from lesionstack.models import ModelConfig
+from lesionstack.config import Invalid, PositiveFloat, Probability, check_fields, load_config
+from lesionstack.models import ModelConfig, check_model_names
 from lesionstack.train.cnn_config import CNNConfig
-
-TEACHER_SOURCES = ("nested", "file", "oof_stack")
 
 
 @dataclass
 class TeacherConfig:
     """Where the soft targets come from (see the module docstring for the no-leak rule)."""
 
-    source: str = "nested"  # nested: the stack refit per student fold | file: `scores` | oof_stack (leaks)
+    # nested: the stack refit per student fold | file: `scores` | oof_stack (leaks)
+    source: Literal["nested", "file", "oof_stack"] = "nested"
     scores: str | None = None  # source file: parquet/csv with isic_id, student_fold, score
     stack_config: str | None = None  # nested: stack YAML (default: the run's stack/fold_0/config.yaml)
-    calibrate: str = "platt"  # platt: logit = a * logit(score) + b fitted on the training labels | none
+    # platt: logit = a * logit(score) + b fitted on the training labels | none
+    calibrate: Literal["platt", "none"] = "platt"
     allow_leak: bool = False  # accept scores that saw the student's validation fold (to measure the leak)
 
     def __post_init__(self) -> None:
-        if self.source not in TEACHER_SOURCES:
-            raise ConfigError(f"teacher.source must be one of {TEACHER_SOURCES}, got {self.source!r}")
-        if self.calibrate not in ("platt", "none"):
-            raise ConfigError(f"teacher.calibrate must be 'platt' or 'none', got {self.calibrate!r}")
+        check_fields(self)
         if self.source == "file" and not self.scores:
-            raise ConfigError("teacher.source 'file' needs teacher.scores (a parquet or csv file)")
+            raise Invalid("scores", "a parquet or csv file with teacher.source: file", self.scores)
 
 
 def _student_model() -> ModelConfig:
@@ -46,20 +43,18 @@ class DistillConfig(CNNConfig):
 
     model: ModelConfig = field(default_factory=_student_model)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    alpha: float = 0.5  # weight of the hard-label BCE; 1 trains on labels alone
-    temperature: float = 2.0
+    alpha: Probability = 0.5  # weight of the hard-label BCE; 1 trains on labels alone
+    temperature: PositiveFloat = 2.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"alpha must be in [0, 1], got {self.alpha}")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature must be > 0, got {self.temperature}")
         if self.seeds_per_fold != 1:
-            raise ConfigError(f"a student fold is one model: seeds_per_fold must be 1, got {self.seeds_per_fold}")
+            raise Invalid("seeds_per_fold", "1 (a student fold is one model)", self.seeds_per_fold)
         if self.model.gate != "none":
-            raise ConfigError(f"the student is image-only: model.gate must be 'none', got {self.model.gate!r}")
+            raise Invalid("model.gate", "none (the student is image-only)", self.model.gate)
 
 
 def load_distill_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> DistillConfig:
-    return load_config(DistillConfig, path, **overrides)
+    cfg = load_config(DistillConfig, path, **overrides)
+    check_model_names(cfg.model, str(path or "distill config"))
+    return cfg

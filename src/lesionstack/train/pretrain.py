@@ -70,7 +70,7 @@ def pretrain_files(art: ArtifactPaths) -> FoldFiles:
 
 def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path:
     """Train `cfg.model` on `cfg.archive` (or reuse a finished pretraining); return its weights file."""
-    from lesionstack.train.cnn_config import PROVENANCE_KEYS, RUNTIME_KEYS
+    from lesionstack.train.cnn_config import PROVENANCE_KEYS
     from lesionstack.train.loop import epoch_generator, make_optimiser, train_epoch
 
     assert cfg.archive is not None
@@ -86,7 +86,7 @@ def pretrain_on_archive(cfg: CNNConfig, art: ArtifactPaths, rt: Runtime) -> Path
             inputs[key] = file_digest(path)
     record = _pretrain_record(cfg)
     # paths are provenance (the archive's labels and image bytes, the weights' bytes are inputs)
-    ignore = (*RUNTIME_KEYS, *PROVENANCE_KEYS, "archive.dir")
+    ignore = (*PROVENANCE_KEYS, "archive.dir")  # and the runtime() fields, as every guard
     if guard(files, record, inputs, ignore=ignore, partial=(), write=rt.ctx.is_main) is Resume.SKIP:
         log.info("archive pretraining: done before, reused (%s)", files.done)
         return files.safetensors
@@ -119,7 +119,8 @@ def _pretrain_record(cfg: CNNConfig) -> Any:
     """What the pretraining depends on: the CNN config without the keys only the folds use."""
     import dataclasses
 
-    return dataclasses.replace(cfg, init_weights=None, epochs=0, keep="last", seeds_per_fold=1)
+    # the folds' keys held at one fixed (valid) value each: they never change the pretraining
+    return dataclasses.replace(cfg, init_weights=None, epochs=1, keep="last", seeds_per_fold=1)
 
 
 def read_pretrain_metrics(art: ArtifactPaths) -> dict[str, Any] | None:

@@ -26,7 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import simplejpeg
@@ -35,6 +35,16 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from lesionstack.config import (
+    Fraction,
+    NonNegativeFloat,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Range,
+    check_fields,
+    runtime,
+)
 from lesionstack.data.augment import AugmentConfig, affine_matrices, colour_jitter, normalize, to_float
 from lesionstack.data.dataset import resize_mask, resize_square
 from lesionstack.data.decode import MAX_SOURCE_PIXELS
@@ -47,7 +57,6 @@ from lesionstack.runtime import adamw
 log = logging.getLogger(__name__)
 
 MASK_SUFFIX = "_segmentation.png"
-RUNTIME_KEYS = ("load_workers", "cpu_threads")  # config keys that do not change the trained segmenter
 IMAGE_SUFFIXES = (".jpg", ".jpeg")
 
 
@@ -80,25 +89,22 @@ class SegConfig:
 
     encoder: str = "resnet18"
     encoder_weights: str | None = None  # local timm file, or a segmenter model.pt to fine-tune
-    decoder_channels: tuple[int, ...] = DEFAULT_DECODER_CHANNELS
-    image_size: int = 192
-    val_fraction: float = 0.2
-    max_images: int | None = None  # train on the first N pairs (sorted by name); None: all
-    epochs: int = 30
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    dice_weight: float = 1.0  # loss = BCE + dice_weight * (1 - soft Dice)
+    decoder_channels: tuple[PositiveInt, ...] = DEFAULT_DECODER_CHANNELS
+    image_size: Annotated[int, Range(ge=16)] = 192
+    val_fraction: Fraction = 0.2
+    max_images: PositiveInt | None = None  # train on the first N pairs (sorted by name); None: all
+    epochs: PositiveInt = 30
+    batch_size: Annotated[int, Range(ge=2)] = 16
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegativeFloat = 1e-4
+    dice_weight: NonNegativeFloat = 1.0  # loss = BCE + dice_weight * (1 - soft Dice)
     seed: int = 0
-    load_workers: int = 4  # threads decoding the folder once, before training
-    cpu_threads: int | None = None  # torch intra-op threads; None: torch's default (all cores)
+    load_workers: PositiveInt = runtime(4)  # threads decoding the folder once, before training
+    cpu_threads: NonNegativeInt | None = runtime(None)  # torch intra-op threads; None or 0: torch's default
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
-        if self.image_size < 16 or self.epochs < 1 or self.batch_size < 2:
-            raise ValueError("image_size >= 16, epochs >= 1 and batch_size >= 2 are needed")
+        check_fields(self)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -264,14 +270,14 @@ def train_segmenter(
     cfg = cfg or SegConfig()
     files = ArtifactPaths(out).segmenter
     if files.done.exists() and not Path(masks_dir).is_dir():
-        guard(files, cfg, None, ignore=RUNTIME_KEYS, partial=())  # the config is still checked
+        guard(files, cfg, None, partial=())  # the config is still checked
         log.warning("%s: masks folder %s is gone; reusing the trained segmenter unchecked", files.dir, masks_dir)
         return read_json(files.metrics)
     pairs = find_pairs(masks_dir)[: cfg.max_images]
     inputs = {"masks": masks_digest(pairs), "n_pairs": len(pairs)}
     # no checkpoint: an unfinished segmenter restarts; a finished one is reused only for the same config
     # and masks (the same config on other masks is another segmenter)
-    if guard(files, cfg, inputs, ignore=RUNTIME_KEYS, partial=()) is Resume.SKIP:
+    if guard(files, cfg, inputs, partial=()) is Resume.SKIP:
         log.info("%s: segmenter already trained with this config and masks; skipping", files.dir)
         return read_json(files.metrics)
     images, masks = load_folder(pairs, cfg.image_size, cfg.load_workers, progress)
