@@ -168,7 +168,7 @@ def test_not_a_mapping_and_not_yaml(tmp_path):
 def test_a_run_config_names_the_stage_file_and_the_key_as_written_there(tmp_path):
     """A stage given as a file path is named with its key as written in that file; an inline section with
     the run config's dotted key. The whole run config is checked at load, before any stage runs."""
-    from lesionstack.pipeline import load_run_config
+    from lesionstack.run_config import load_run_config
 
     (tmp_path / "cnn").mkdir()
     (tmp_path / "cnn" / "bad.yaml").write_text("model: {gate: frozen}\n")
