@@ -127,7 +127,7 @@ def test_bad_values_are_one_line_naming_file_key_expected_and_given(tmp_path, ke
 
 
 def test_overrides_are_checked_and_named_as_such():
-    with pytest.raises(ConfigError, match=r"^command line: epochs: expected an integer >= 1, got 0$"):
+    with pytest.raises(ConfigError, match=r"^command line: --epochs: expected an integer >= 1, got 0$"):
         load_config(Every, None, epochs=0)
 
 

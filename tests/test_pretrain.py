@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from helpers import make_cnn_data, tiny_cnn_config
-from lesionstack.config import ConfigError
+from lesionstack.config import ConfigError, load_config
 from lesionstack.data.archive import BENIGN, INDETERMINATE, MALIGNANT
 from lesionstack.data.synthetic_archive import write_archive_demo
 from lesionstack.files import read_json
@@ -20,7 +20,7 @@ from lesionstack.paths import ArtifactPaths
 from lesionstack.resume import ResumeError, file_digest
 from lesionstack.runtime import load_weights
 from lesionstack.train import cnn, cnn_fold
-from lesionstack.train.cnn_config import ArchiveConfig
+from lesionstack.train.cnn_config import ArchiveConfig, CNNConfig
 from lesionstack.train.pretrain import archive_targets, pretrain_files
 
 
@@ -34,8 +34,10 @@ def archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_targets_and_config_checks() -> None:
     labels = np.array([BENIGN, MALIGNANT, INDETERMINATE, BENIGN])
     np.testing.assert_array_equal(archive_targets(labels, 0.3), np.array([0, 1, 0.3, 0], dtype=np.float32))
-    with pytest.raises(ConfigError, match="archive.mode"):
+    with pytest.raises(ConfigError, match="^mode: expected one of pretrain; got 'positives'$"):
         ArchiveConfig(dir="x", mode="positives")
+    with pytest.raises(ConfigError, match=r"^command line: archive.mode: expected one of pretrain; got 'positives'$"):
+        load_config(CNNConfig, None, archive={"dir": "x", "mode": "positives"})
     with pytest.raises(ConfigError, match="indeterminate_target"):
         ArchiveConfig(dir="x", indeterminate_target=1.5)
 

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 
 from helpers import TINY_STACK, make_stack_inputs
+from lesionstack.config import ConfigError
 from lesionstack.files import read_json
 from lesionstack.paths import ArtifactPaths
 from lesionstack.tabular import image_scores, stack
@@ -17,7 +18,7 @@ from lesionstack.tabular.estimator import load_models
 from lesionstack.tabular.image_scores import logit
 from lesionstack.tabular.outliers import LOF_COLUMN
 from lesionstack.tabular.stack import train_stack
-from lesionstack.tabular.stack_config import StackConfig, StackError
+from lesionstack.tabular.stack_config import StackConfig
 from lesionstack.tabular.stack_predict import predict_stack
 
 ONE = {**TINY_STACK, "models": ("lgbm",)}
@@ -98,5 +99,5 @@ def test_noise_touches_training_rows_only_and_is_seeded(inputs: tuple, tmp_path:
     clean = _art(tmp_path / "clean", src)
     train_stack(feats, clean.folds, clean, StackConfig(**ONE), cnn_oof=cnn)
     assert not pd.read_parquet(clean.oof_stack).equals(runs[0])
-    with pytest.raises(StackError, match="cnn_noise"):
+    with pytest.raises(ConfigError, match=r"^cnn_noise: expected a number in \[0, 1\], got -0.1$"):
         StackConfig(cnn_noise=-0.1)

@@ -48,6 +48,7 @@ T = TypeVar("T")
 SCHEMA = 2
 SCHEMA_KEY = "schema"
 BASE_KEY = "base"
+COMMAND_LINE = "command line"  # where keyword overrides of `load_config` come from
 
 # What a saved config of an older schema meant by a missing key: per schema, per config class (a subclass
 # inherits its bases' rows), the defaults of that release for the keys whose default changed after it.
@@ -93,6 +94,8 @@ def config_from_dict(cls: type[T], data: dict[str, Any] | None, *, where: str = 
     except Invalid as err:
         file, section = _origin(err.key, origins or {}, where)
         key = err.key[len(section):] if section and err.key.startswith(section) else err.key
+        if file == COMMAND_LINE and "." not in key:  # an override is a command's option
+            key = "--" + key.replace("_", "-")
         raise ConfigError(f"{file}: {Invalid(key, err.expected, err.got, text=err.text)}") from None
 
 
@@ -124,7 +127,7 @@ def load_config(cls: type[T], path: str | os.PathLike[str] | None = None, **over
         data = migrate(data, cls, str(path))
     given = {k: v for k, v in overrides.items() if v is not None}
     data.update(given)
-    origins.update({k: Origin("command line") for k in given})
+    origins.update({k: Origin(COMMAND_LINE) for k in given})
     return config_from_dict(cls, data, where=str(path or cls.__name__), origins=origins)
 
 
