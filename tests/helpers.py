@@ -25,8 +25,12 @@ import pandas as pd
 import simplejpeg
 from PIL import Image
 
+from lesionstack.config import save_config
+from lesionstack.files import write_json
 from lesionstack.folds import assign_folds, read_folds
-from lesionstack.paths import ArtifactPaths
+from lesionstack.metrics import pauc, roc_auc
+from lesionstack.paths import ArtifactPaths, DataPaths
+from lesionstack.report import ReportConfig
 
 if TYPE_CHECKING:
     from fastapi.testclient import TestClient
@@ -256,3 +260,127 @@ def slow_upload(url: str, image: bytes, during: list[set[str]]) -> int:
 
     headers = {"content-type": f"multipart/form-data; boundary={boundary}", "content-length": str(len(body))}
     return httpx.post(url, content=pieces(), headers=headers, timeout=120).status_code
+
+
+# ---- report: a complete artifacts folder of synthetic results (no training) ---------------------------
+
+
+REPORT_FOLDS = 5
+FAST_REPORT = ReportConfig(n_bootstrap=200, montage_per_group=4, dpi=60)
+SCORE_COLUMNS = {"lgbm": "score_lgbm", "catboost": "score_catboost", "xgboost": "score_xgboost",
+                 "tabular": "score_tabular", "cnn": "score_cnn", "blend": "score"}
+ALL_FIGURES = ["roc.png", "calibration.png", "importance.png", "cnn_training.png", "segmenter.png", "montage.png"]
+
+
+# ---- building artifacts ---------------------------------------------------------------------------------
+
+
+def report_oof(rng: np.random.Generator, n_patients: int = 60) -> pd.DataFrame:
+    """Lesions clustered in patients (a shared per-patient risk offset); every model scores the true risk
+    plus noise."""
+    sizes = rng.integers(8, 25, n_patients)
+    patient = np.repeat(np.arange(n_patients), sizes)
+    offset = rng.normal(0, 1.0, n_patients)[patient]
+    truth = 1 / (1 + np.exp(-(-4.0 + 1.2 * offset + rng.normal(0, 1.0, patient.size))))
+    target = (rng.random(patient.size) < truth).astype(int)
+    frame = pd.DataFrame({"isic_id": [f"ISIC_{i:07d}" for i in range(patient.size)],
+                          "patient_id": [f"IP_{p:06d}" for p in patient], "fold": patient % REPORT_FOLDS,
+                          "target": target, "truth": truth})
+    truth_logit = np.log(truth / (1 - truth))
+    for name, noise in (("lgbm", 0.6), ("catboost", 0.5), ("xgboost", 0.7), ("tabular", 0.8), ("cnn", 1.4)):
+        # noisy copies of the true risk: below the best possible pAUC, as a real model is
+        logit = 0.5 + truth_logit + rng.normal(0, noise, patient.size)
+        frame[f"score_{name}"] = 1 / (1 + np.exp(-logit))
+    frame["score"] = frame[["score_lgbm", "score_catboost", "score_xgboost"]].mean(axis=1)
+    assert frame.groupby("fold")["target"].sum().min() >= 2, "fixture needs positives in every fold"
+    return frame
+
+
+def cv_json_of(oof: pd.DataFrame) -> dict:
+    models = {}
+    for name, col in SCORE_COLUMNS.items():
+        folds = [g for _, g in oof.groupby("fold")]
+        p = [pauc(g["target"], g[col]) for g in folds]
+        a = [roc_auc(g["target"], g[col]) for g in folds]
+        models[name] = {"pauc": p, "pauc_mean": float(np.mean(p)), "pauc_std": float(np.std(p)), "auc": a,
+                        "auc_mean": float(np.mean(a)), "auc_std": float(np.std(a)),
+                        "pauc_oof": pauc(oof["target"], oof[col])}
+    return {"metric": "pauc", "n_folds": REPORT_FOLDS, "n_rows": len(oof), "n_positives": int(oof["target"].sum()),
+            "models": models, "blend": {"method": "mean", "weights": {"lgbm": 1 / 3, "catboost": 1 / 3,
+                                                                      "xgboost": 1 / 3}}}
+
+
+def _importance(rng: np.random.Generator) -> pd.DataFrame:
+    features = [f"feature_{i:02d}_patient_norm" for i in range(40)]
+    rows = []
+    for model in ("lgbm", "catboost", "xgboost"):
+        for fold in range(REPORT_FOLDS):
+            gain = rng.gamma(1.0, 1.0, len(features)) * np.linspace(3, 0.2, len(features))
+            rows += [(model, fold, f, g) for f, g in zip(features, gain / gain.sum())]
+    return pd.DataFrame(rows, columns=["model", "fold", "feature", "importance"])
+
+
+def _cnn_metrics(rng: np.random.Generator) -> dict:
+    epochs = [{"epoch": e, "train_loss": 0.6 / (e + 1), "val_loss": 0.5 / (e + 1) + 0.05 * rng.random(),
+               "val_pauc": 0.05 + 0.02 * e + 0.01 * rng.random(), "val_auc": 0.7 + 0.03 * e,
+               "images_per_s": 300.0 + e, "lr": 1e-4} for e in range(4)]
+    return {"epochs": epochs, "best_epoch": 3, "best_pauc": epochs[3]["val_pauc"], "best_auc": 0.79,
+            "n_train": 800, "n_val": 200}
+
+
+def _crop(rng: np.random.Generator) -> np.ndarray:
+    """Skin-coloured square with a darker blob, 40 to 72 px (crop sizes vary in the real data)."""
+    side = int(rng.integers(40, 72))
+    yy, xx = np.mgrid[:side, :side]
+    blob = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 4) ** 2
+    img = np.empty((side, side, 3), np.uint8)
+    img[:] = (214, 170, 150)
+    img[blob] = (110, 70, 60)
+    return np.clip(img + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
+
+
+def _write_images(path: Path, ids: list[str], rng: np.random.Generator) -> None:
+    with h5py.File(path, "w") as h5:
+        for isic_id in ids:
+            h5[isic_id] = np.bytes_(simplejpeg.encode_jpeg(_crop(rng), quality=90))
+
+
+def _write_segmenter(folder: Path) -> None:
+    from lesionstack._compat import ensure_timm_importable
+
+    ensure_timm_importable()
+    from lesionstack.models import build_segmenter, save_segmenter
+
+    cfg = {"encoder": "test_resnet", "decoder_channels": [16, 8, 8, 8, 8]}
+    model = build_segmenter(cfg["encoder"], decoder_channels=tuple(cfg["decoder_channels"]))
+    save_segmenter(model, folder / "model.pt")
+    save_config(cfg, folder / "config.yaml")
+
+
+def make_report_artifacts(root: Path, *, full: bool = True, seed: int = 0) -> ArtifactPaths:
+    """cv.json and oof_stack.parquet always; with `full` every optional input the report reads too."""
+    rng = np.random.default_rng(seed)
+    paths = ArtifactPaths(root / "artifacts")
+    oof = report_oof(rng)
+    paths.root.mkdir(parents=True)
+    oof.drop(columns=["patient_id", "truth"]).to_parquet(paths.oof_stack)
+    write_json(paths.cv_json, cv_json_of(oof))
+    if not full:
+        return paths
+    oof[["isic_id", "patient_id", "target", "fold"]].to_csv(paths.folds, index=False)
+    paths.stack_dir.mkdir(parents=True)
+    _importance(rng).to_csv(paths.feature_importance, index=False)
+    for k in range(REPORT_FOLDS):
+        write_json(paths.cnn_fold(k).metrics, _cnn_metrics(rng))
+    seg = [{"epoch": e, "train_loss": 0.5 / (e + 1), "val_dice": 0.6 + 0.05 * e, "val_iou": 0.45 + 0.05 * e}
+           for e in range(5)]
+    write_json(paths.segmenter.metrics, {"dice": 0.8, "iou": 0.65, "epochs": seg, "n_train": 40, "n_val": 10,
+                                         "encoder": "test_resnet"})
+    _write_segmenter(paths.segmenter.dir)
+    data = DataPaths(root / "data")
+    data.root.mkdir()
+    _write_images(data.train_images, list(oof["isic_id"]), rng)
+    truth = oof[["isic_id", "target"]].assign(split="train", probability=oof["truth"])
+    truth.to_csv(data.demo_truth, index=False)
+    write_json(paths.source, {"data_dir": str(data.root)})
+    return paths

@@ -7,18 +7,16 @@ import re
 import shutil
 from pathlib import Path
 
-import h5py
 import numpy as np
 import pandas as pd
 import pytest
-import simplejpeg
 from PIL import Image
 
-from lesionstack.config import save_config
+from helpers import ALL_FIGURES, FAST_REPORT, REPORT_FOLDS, make_report_artifacts, report_oof
 from lesionstack.files import read_json, write_json
 from lesionstack.metrics import pauc, roc_auc
 from lesionstack.paths import ArtifactPaths, DataPaths
-from lesionstack.report import ReportConfig, ReportError, write_report
+from lesionstack.report import ReportError, write_report
 from lesionstack.report.stats import (
     WeightedROC,
     bootstrap_ci,
@@ -28,131 +26,11 @@ from lesionstack.report.stats import (
     risk_by_rank,
 )
 
-N_FOLDS = 5
-FAST = ReportConfig(n_bootstrap=200, montage_per_group=4, dpi=60)
-SCORE_COLUMNS = {"lgbm": "score_lgbm", "catboost": "score_catboost", "xgboost": "score_xgboost",
-                 "tabular": "score_tabular", "cnn": "score_cnn", "blend": "score"}
-ALL_FIGURES = ["roc.png", "calibration.png", "importance.png", "cnn_training.png", "segmenter.png", "montage.png"]
-
-
-# ---- building artifacts ---------------------------------------------------------------------------------
-
-
-def _oof(rng: np.random.Generator, n_patients: int = 60) -> pd.DataFrame:
-    """Lesions clustered in patients (a shared per-patient risk offset); every model scores the true risk
-    plus noise."""
-    sizes = rng.integers(8, 25, n_patients)
-    patient = np.repeat(np.arange(n_patients), sizes)
-    offset = rng.normal(0, 1.0, n_patients)[patient]
-    truth = 1 / (1 + np.exp(-(-4.0 + 1.2 * offset + rng.normal(0, 1.0, patient.size))))
-    target = (rng.random(patient.size) < truth).astype(int)
-    frame = pd.DataFrame({"isic_id": [f"ISIC_{i:07d}" for i in range(patient.size)],
-                          "patient_id": [f"IP_{p:06d}" for p in patient], "fold": patient % N_FOLDS,
-                          "target": target, "truth": truth})
-    truth_logit = np.log(truth / (1 - truth))
-    for name, noise in (("lgbm", 0.6), ("catboost", 0.5), ("xgboost", 0.7), ("tabular", 0.8), ("cnn", 1.4)):
-        # noisy copies of the true risk: below the best possible pAUC, as a real model is
-        logit = 0.5 + truth_logit + rng.normal(0, noise, patient.size)
-        frame[f"score_{name}"] = 1 / (1 + np.exp(-logit))
-    frame["score"] = frame[["score_lgbm", "score_catboost", "score_xgboost"]].mean(axis=1)
-    assert frame.groupby("fold")["target"].sum().min() >= 2, "fixture needs positives in every fold"
-    return frame
-
-
-def _cv(oof: pd.DataFrame) -> dict:
-    models = {}
-    for name, col in SCORE_COLUMNS.items():
-        folds = [g for _, g in oof.groupby("fold")]
-        p = [pauc(g["target"], g[col]) for g in folds]
-        a = [roc_auc(g["target"], g[col]) for g in folds]
-        models[name] = {"pauc": p, "pauc_mean": float(np.mean(p)), "pauc_std": float(np.std(p)), "auc": a,
-                        "auc_mean": float(np.mean(a)), "auc_std": float(np.std(a)),
-                        "pauc_oof": pauc(oof["target"], oof[col])}
-    return {"metric": "pauc", "n_folds": N_FOLDS, "n_rows": len(oof), "n_positives": int(oof["target"].sum()),
-            "models": models, "blend": {"method": "mean", "weights": {"lgbm": 1 / 3, "catboost": 1 / 3,
-                                                                      "xgboost": 1 / 3}}}
-
-
-def _importance(rng: np.random.Generator) -> pd.DataFrame:
-    features = [f"feature_{i:02d}_patient_norm" for i in range(40)]
-    rows = []
-    for model in ("lgbm", "catboost", "xgboost"):
-        for fold in range(N_FOLDS):
-            gain = rng.gamma(1.0, 1.0, len(features)) * np.linspace(3, 0.2, len(features))
-            rows += [(model, fold, f, g) for f, g in zip(features, gain / gain.sum())]
-    return pd.DataFrame(rows, columns=["model", "fold", "feature", "importance"])
-
-
-def _cnn_metrics(rng: np.random.Generator) -> dict:
-    epochs = [{"epoch": e, "train_loss": 0.6 / (e + 1), "val_loss": 0.5 / (e + 1) + 0.05 * rng.random(),
-               "val_pauc": 0.05 + 0.02 * e + 0.01 * rng.random(), "val_auc": 0.7 + 0.03 * e,
-               "images_per_s": 300.0 + e, "lr": 1e-4} for e in range(4)]
-    return {"epochs": epochs, "best_epoch": 3, "best_pauc": epochs[3]["val_pauc"], "best_auc": 0.79,
-            "n_train": 800, "n_val": 200}
-
-
-def _crop(rng: np.random.Generator) -> np.ndarray:
-    """Skin-coloured square with a darker blob, 40 to 72 px (crop sizes vary in the real data)."""
-    side = int(rng.integers(40, 72))
-    yy, xx = np.mgrid[:side, :side]
-    blob = (yy - side / 2) ** 2 + (xx - side / 2) ** 2 < (side / 4) ** 2
-    img = np.empty((side, side, 3), np.uint8)
-    img[:] = (214, 170, 150)
-    img[blob] = (110, 70, 60)
-    return np.clip(img + rng.integers(-10, 10, img.shape), 0, 255).astype(np.uint8)
-
-
-def _write_images(path: Path, ids: list[str], rng: np.random.Generator) -> None:
-    with h5py.File(path, "w") as h5:
-        for isic_id in ids:
-            h5[isic_id] = np.bytes_(simplejpeg.encode_jpeg(_crop(rng), quality=90))
-
-
-def _write_segmenter(folder: Path) -> None:
-    from lesionstack._compat import ensure_timm_importable
-
-    ensure_timm_importable()
-    from lesionstack.models import build_segmenter, save_segmenter
-
-    cfg = {"encoder": "test_resnet", "decoder_channels": [16, 8, 8, 8, 8]}
-    model = build_segmenter(cfg["encoder"], decoder_channels=tuple(cfg["decoder_channels"]))
-    save_segmenter(model, folder / "model.pt")
-    save_config(cfg, folder / "config.yaml")
-
-
-def make_artifacts(root: Path, *, full: bool = True, seed: int = 0) -> ArtifactPaths:
-    """cv.json and oof_stack.parquet always; with `full` every optional input the report reads too."""
-    rng = np.random.default_rng(seed)
-    paths = ArtifactPaths(root / "artifacts")
-    oof = _oof(rng)
-    paths.root.mkdir(parents=True)
-    oof.drop(columns=["patient_id", "truth"]).to_parquet(paths.oof_stack)
-    write_json(paths.cv_json, _cv(oof))
-    if not full:
-        return paths
-    oof[["isic_id", "patient_id", "target", "fold"]].to_csv(paths.folds, index=False)
-    paths.stack_dir.mkdir(parents=True)
-    _importance(rng).to_csv(paths.feature_importance, index=False)
-    for k in range(N_FOLDS):
-        write_json(paths.cnn_fold(k).metrics, _cnn_metrics(rng))
-    seg = [{"epoch": e, "train_loss": 0.5 / (e + 1), "val_dice": 0.6 + 0.05 * e, "val_iou": 0.45 + 0.05 * e}
-           for e in range(5)]
-    write_json(paths.segmenter.metrics, {"dice": 0.8, "iou": 0.65, "epochs": seg, "n_train": 40, "n_val": 10,
-                                         "encoder": "test_resnet"})
-    _write_segmenter(paths.segmenter.dir)
-    data = DataPaths(root / "data")
-    data.root.mkdir()
-    _write_images(data.train_images, list(oof["isic_id"]), rng)
-    truth = oof[["isic_id", "target"]].assign(split="train", probability=oof["truth"])
-    truth.to_csv(data.demo_truth, index=False)
-    write_json(paths.source, {"data_dir": str(data.root)})
-    return paths
-
 
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactPaths, Path]:
-    paths = make_artifacts(tmp_path_factory.mktemp("full"))
-    return paths, write_report(paths.root, config=FAST)
+    paths = make_report_artifacts(tmp_path_factory.mktemp("full"))
+    return paths, write_report(paths.root, config=FAST_REPORT)
 
 
 # ---- checks ---------------------------------------------------------------------------------------------
@@ -203,9 +81,9 @@ def test_table_numbers_equal_cv_json(full_report):
         for model, label in labels.items():
             entry = cv["models"][model]
             want = [f"{v:.4f}" for v in entry[key]] + [f"{entry[f'{key}_mean']:.4f}", f"{entry[f'{key}_std']:.4f}"]
-            assert rows[label][: N_FOLDS + 2] == want, (model, key)
+            assert rows[label][: REPORT_FOLDS + 2] == want, (model, key)
             if key == "pauc":
-                assert rows[label][N_FOLDS + 2] == f"{entry['pauc_oof']:.4f}"
+                assert rows[label][REPORT_FOLDS + 2] == f"{entry['pauc_oof']:.4f}"
     assert "cv.json models." not in page  # no mismatch note: the OOF file agrees with cv.json
 
 
@@ -220,8 +98,8 @@ def test_demo_section_shows_the_best_possible_pauc(full_report):
 
 
 def test_missing_pieces_give_notes_not_crashes(tmp_path):
-    paths = make_artifacts(tmp_path, full=False)
-    page = write_report(paths.root, config=FAST).read_text()
+    paths = make_report_artifacts(tmp_path, full=False)
+    page = write_report(paths.root, config=FAST_REPORT).read_text()
     for expected in ("No feature importance", "No CNN training curves", "No segmenter metrics",
                      "No data folder", "No patient ids found", "resamples of whole lesions"):
         assert expected in page, expected
@@ -233,40 +111,40 @@ def test_missing_segmenter_weights_shows_bare_crops_with_a_note(full_report, tmp
     paths, _ = full_report
     bare = ArtifactPaths(tmp_path / "artifacts")
     shutil.copytree(paths.root, bare.root, ignore=shutil.ignore_patterns("model.pt", "report"))
-    page = write_report(bare.root, config=FAST).read_text()
+    page = write_report(bare.root, config=FAST_REPORT).read_text()
     assert "No segmenter weights at" in page
     assert "No predicted mask" in page
     _assert_real_png(bare.report_dir / "montage.png")
 
 
 def test_cv_json_disagreeing_with_the_oof_file_is_flagged(tmp_path):
-    paths = make_artifacts(tmp_path, full=False)
+    paths = make_report_artifacts(tmp_path, full=False)
     cv = read_json(paths.cv_json)
     cv["models"]["lgbm"]["pauc"][2] += 0.01
     write_json(paths.cv_json, cv)
-    page = write_report(paths.root, config=FAST).read_text()
+    page = write_report(paths.root, config=FAST_REPORT).read_text()
     assert "cv.json models.lgbm.pauc differs from oof_stack.parquet" in page
 
 
 def test_a_rank_blend_gets_risk_by_rank_instead_of_a_calibration_curve(tmp_path):
-    paths = make_artifacts(tmp_path, full=False)
+    paths = make_report_artifacts(tmp_path, full=False)
     cv = read_json(paths.cv_json)
     cv["blend"]["method"] = "rank_mean"
     write_json(paths.cv_json, cv)
-    page = write_report(paths.root, config=FAST).read_text()
+    page = write_report(paths.root, config=FAST_REPORT).read_text()
     assert "averages rank-normalised scores" in page and "Risk by blend rank" in page
     _assert_real_png(paths.report_dir / "calibration.png")  # still drawn for the GBDTs' probabilities
 
 
 def test_a_stack_without_cnn_features_draws_the_blend_once(tmp_path):
-    paths = make_artifacts(tmp_path, full=False)
+    paths = make_report_artifacts(tmp_path, full=False)
     oof = pd.read_parquet(paths.oof_stack)
     oof.assign(score_tabular=oof["score"]).drop(columns=["score_cnn"]).to_parquet(paths.oof_stack)
     cv = read_json(paths.cv_json)
     cv["models"]["tabular"] = cv["models"]["blend"]
     del cv["models"]["cnn"]
     write_json(paths.cv_json, cv)
-    page = write_report(paths.root, config=FAST).read_text()
+    page = write_report(paths.root, config=FAST_REPORT).read_text()
     assert "No CNN scores" in page and "Not in the OOF file, so not drawn: CNN alone" in page
     assert "CNN alone" not in _table_rows(page, "ROC AUC")
     with Image.open(paths.report_dir / "roc.png") as img:
@@ -285,7 +163,7 @@ def test_risk_by_rank_on_a_worked_example():
 def test_required_inputs_fail_clearly(tmp_path):
     with pytest.raises(ReportError, match="cv.json: not found"):
         write_report(tmp_path / "nothing")
-    paths = make_artifacts(tmp_path, full=False)
+    paths = make_report_artifacts(tmp_path, full=False)
     oof = pd.read_parquet(paths.oof_stack)
     oof.loc[7, "target"] = 2
     oof.to_parquet(paths.oof_stack)
@@ -298,7 +176,7 @@ def test_cli_writes_the_report(tmp_path):
 
     from lesionstack.cli import app
 
-    paths = make_artifacts(tmp_path, full=False)
+    paths = make_report_artifacts(tmp_path, full=False)
     cfg = tmp_path / "report.yaml"
     cfg.write_text("n_bootstrap: 50\ndpi: 50\n")
     out = tmp_path / "elsewhere"
@@ -336,7 +214,7 @@ def test_weighted_roc_on_real_labels_and_scores(shared_data):
 
 
 def test_patient_bootstrap_contains_the_estimate_is_seeded_and_resamples_patients():
-    oof = _oof(np.random.default_rng(1), n_patients=80)
+    oof = report_oof(np.random.default_rng(1), n_patients=80)
     y, p, g = oof["target"], oof["score"], oof["patient_id"]
     ci = bootstrap_ci(y, p, g, n_resamples=300, seed=5)
     assert ci.pauc_low <= ci.pauc <= ci.pauc_high and ci.auc_low <= ci.auc <= ci.auc_high
@@ -384,7 +262,7 @@ def test_wilson_interval_holds_its_estimate_at_the_extremes():
 def test_the_train_vs_test_score_scale_table_shows_score_shift_json(tmp_path):
     from lesionstack.tabular.score_shift import compare
 
-    paths = make_artifacts(tmp_path, full=False)
+    paths = make_report_artifacts(tmp_path, full=False)
     rng = np.random.default_rng(0)
     oof = rng.beta(0.5, 4, size=500)
     cmp = compare(oof, {"test_mean": np.full(100, 0.1) + 0.01 * rng.normal(size=100),
@@ -392,7 +270,7 @@ def test_the_train_vs_test_score_scale_table_shows_score_shift_json(tmp_path):
     write_json(paths.score_shift, {"n_test": 100, "n_folds": 2, "features": {"cnn_score": cmp},
                                    "cnn_score_by_fold": {"0": {"ks_mean": 0.5, "ks_paired": 0.04}},
                                    "stack_fold_probability": cmp, "stack_final_probability": cmp})
-    page = write_report(paths.root, config=FAST).read_text()
+    page = write_report(paths.root, config=FAST_REPORT).read_text()
     title = "Do test scores look like training scores? (test set, no labels needed)"
     rows = _table_rows(page, title)
     cnn = "CNN score (stacker input)"
@@ -401,4 +279,5 @@ def test_the_train_vs_test_score_scale_table_shows_score_shift_json(tmp_path):
     assert rows[cnn][2] == f"{cmp['test_mean']['ks']:.3f}"
     assert rows[cnn][4] == f"{cmp['test_paired']['ks']:.3f}"
     assert "fold 0: 0.500 → 0.040" in page and "0 means the same distribution" in page
-    assert title not in write_report(make_artifacts(tmp_path / "b", full=False).root, config=FAST).read_text()
+    bare = make_report_artifacts(tmp_path / "b", full=False)
+    assert title not in write_report(bare.root, config=FAST_REPORT).read_text()

@@ -11,12 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from helpers import FAST_REPORT, cv_json_of, make_report_artifacts
 from lesionstack.files import write_json
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
 from lesionstack.report import ReportConfig, write_report
 from lesionstack.report.research import predictive_values
-from test_report import FAST, _cv, make_artifacts
 
 SITES = ["Hospital A", "Hospital B", "Hospital C", "Hospital D"]
 
@@ -51,7 +51,7 @@ def _add_metadata(paths: ArtifactPaths) -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def research_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactPaths, pd.DataFrame, str]:
-    paths = make_artifacts(tmp_path_factory.mktemp("research"))
+    paths = make_report_artifacts(tmp_path_factory.mktemp("research"))
     meta = _add_metadata(paths)
     oof = pd.read_parquet(paths.oof_stack)
     pd.DataFrame({"isic_id": [f"T_{i}" for i in range(50)], "target": np.linspace(0.01, 0.9, 50)}).to_csv(
@@ -67,10 +67,11 @@ def research_report(tmp_path_factory: pytest.TempPathFactory) -> tuple[ArtifactP
     other = oof.drop(columns="fold").merge(inst[["isic_id", "fold"]], on="isic_id")
     other["score"] = other["score"] * 0.5 + np.random.default_rng(2).random(len(other)) * 0.5
     other.to_parquet(nested.oof_stack)
-    cv = _cv(other.assign(patient_id=0))
+    cv = cv_json_of(other.assign(patient_id=0))
     cv["n_folds"] = 4
     write_json(nested.cv_json, cv)
-    page = write_report(paths.root, config=ReportConfig(**{**FAST.__dict__, "subgroup_bootstrap": 50})).read_text()
+    config = ReportConfig(**{**FAST_REPORT.__dict__, "subgroup_bootstrap": 50})
+    page = write_report(paths.root, config=config).read_text()
     return paths, meta.merge(oof[["isic_id", "score"]], on="isic_id"), page
 
 
@@ -127,10 +128,10 @@ def test_synthetic_data_is_said_first_and_real_data_gets_no_banner(research_repo
     _, _, page = research_report
     body = page.split("<body>", 1)[1]
     assert body.index("Synthetic data") < body.index("<h2>")
-    paths = make_artifacts(tmp_path)
+    paths = make_report_artifacts(tmp_path)
     DataPaths(Path(str(pd.read_json(paths.source, typ="series")["data_dir"]))).demo_truth.unlink()
     shutil.rmtree(paths.segmenter.dir)
-    assert "Synthetic data" not in write_report(paths.root, config=FAST).read_text()
+    assert "Synthetic data" not in write_report(paths.root, config=FAST_REPORT).read_text()
 
 
 def test_validation_points_skip_unvalidated_epochs_and_mark_the_kept_one():
@@ -146,7 +147,7 @@ def test_validation_points_skip_unvalidated_epochs_and_mark_the_kept_one():
 def test_the_run_table_names_the_fold_scheme(research_report):
     paths, _, page = research_report
     assert "<td>Folds</td><td>5, grouped by patient</td>" in page
-    nested = write_report(paths.root / "by_attribution", config=FAST).read_text()
+    nested = write_report(paths.root / "by_attribution", config=FAST_REPORT).read_text()
     assert "<td>Folds</td><td>4, grouped by attribution (each value in one fold)</td>" in nested
     assert "Not measured: no nested run with leave-institution-out folds" in nested
     assert "Not measured" not in page
