@@ -88,6 +88,20 @@ def test_each_fold_folder_holds_the_same_files(trained: tuple[Path, Path, CNNCon
         assert metrics["best_epoch"] == 2 and metrics["best_pauc"] == metrics["epochs"][-1]["val_pauc"]
 
 
+def test_validating_only_after_the_last_epoch_trains_the_same_weights(
+        trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
+    root, out, cfg = trained  # validated after every epoch
+    assert cfg.val_every == 1 and cfg.keep == "last"
+    train_cnn(root, root / "folds.csv", dataclasses.replace(cfg, val_every=cfg.epochs), tmp_path / "art")
+    for k in (0, 1):
+        every, last = ArtifactPaths(out).cnn_fold(k), ArtifactPaths(tmp_path / "art").cnn_fold(k)
+        assert [e["val_pauc"] is None for e in read_json(last.metrics)["epochs"]] == [True] * (cfg.epochs - 1) + [False]
+        assert read_json(last.metrics)["best_pauc"] == read_json(every.metrics)["best_pauc"]
+        for key, value in load_weights(every.safetensors).items():
+            assert torch.equal(value, load_weights(last.safetensors)[key]), (k, key)
+    assert pd.read_parquet(ArtifactPaths(tmp_path / "art").oof_cnn).equals(pd.read_parquet(ArtifactPaths(out).oof_cnn))
+
+
 def test_two_folds_at_once_in_their_own_processes_train_exactly_as_one_after_the_other(
         trained: tuple[Path, Path, CNNConfig], tmp_path: Path) -> None:
     root, out, cfg = trained

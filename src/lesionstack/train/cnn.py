@@ -132,7 +132,7 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
 def scoring_threads(cfg: CNNConfig, rt: Runtime) -> Iterator[None]:
     """Torch threads for the OOF and test scoring after a CPU fold pool: the pool's cores
     (`fold_workers` x `cpu_threads`, at most the machine's), which sat idle while one process scored on
-    `cpu_threads`. The logits are the same (each output is computed by one thread either way)."""
+    `cpu_threads`. The scores are the same bits (tests/test_train_cnn.py compares them)."""
     threads = torch.get_num_threads()
     pool_threads = min(cfg.fold_workers * max(cfg.cpu_threads, 1), os.cpu_count() or 1)
     if rt.device.type == "cpu" and not rt.ctx.active and cfg.fold_workers > 1 and pool_threads > threads:
