@@ -25,12 +25,11 @@ ranks compute the same pAUC and agree on early stopping), and rank 0 alone write
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,26 +120,10 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
         if scores_up_to_date(data, art, record):
             summary.update(read_scores(folds, art))
         else:
-            with scoring_threads(cfg, rt):
-                summary.update(write_scores(data, folds, images, cfg, art, rt, record))
+            summary.update(write_scores(data, folds, images, cfg, art, rt, record))
     elif ctx.is_main:
         log.info("not all folds done yet; oof_cnn/test_cnn are written when the last fold finishes")
     return summary
-
-
-@contextlib.contextmanager
-def scoring_threads(cfg: CNNConfig, rt: Runtime) -> Iterator[None]:
-    """Torch threads for the OOF and test scoring after a CPU fold pool: the pool's cores
-    (`fold_workers` x `cpu_threads`, at most the machine's), which sat idle while one process scored on
-    `cpu_threads`. The scores are the same bits (tests/test_train_cnn.py compares them)."""
-    threads = torch.get_num_threads()
-    pool_threads = min(cfg.fold_workers * max(cfg.cpu_threads, 1), os.cpu_count() or 1)
-    if rt.device.type == "cpu" and not rt.ctx.active and cfg.fold_workers > 1 and pool_threads > threads:
-        torch.set_num_threads(pool_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
