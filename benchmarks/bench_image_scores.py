@@ -55,6 +55,7 @@ def run_arms(data: Path, run: Path, cfg: StackConfig, arms: list[str]) -> list[d
     folds = read_folds(art.folds)
     feats = pd.read_parquet(art.features_train)
     truth = truth_pauc(data, folds)
+    cfg = dataclasses.replace(cfg, train_tabular=False)  # the arms compare blends: no fallback variant needed
     for arm in ["base", *arms]:
         out = ArtifactPaths(run / "arms" / arm)
         out.root.mkdir(parents=True, exist_ok=True)
