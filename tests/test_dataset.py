@@ -57,6 +57,8 @@ def test_ranks_split_the_same_draw() -> None:
     assert len(parts[0]) == len(parts[1]) == 5
     assert set(parts[0]) | set(parts[1]) == set(full)
     assert shard(list(range(5)), 1, 2, pad=False) == [1, 3]
+    assert shard(range(5), 1, 2, pad=False) == range(1, 5, 2)  # a range stays a range (no list of every index)
+    assert list(shard(range(5), 1, 2, pad=True)) == [1, 3, 0]
 
 
 def test_no_positives_is_a_clear_error() -> None:

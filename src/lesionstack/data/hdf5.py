@@ -46,6 +46,21 @@ def decode_jpeg(data: bytes, isic_id: str, min_side: int | None = None,
     return decode_image(data, min_side=min_side, where=isic_id, path=path)
 
 
+def release_freed_memory() -> None:
+    """Hand the heap's freed pages back to the OS (glibc's `malloc_trim`; elsewhere nothing). Listing or
+    looking up the keys of a 500,000-crop file leaves ~50 MB of freed fragments in the heap that the process
+    would otherwise keep for the rest of its run (measured: +97 MB after listing the keys, +47 MB after the
+    trim, 33 MB of which is the list of ids itself)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to do
+        pass
+
+
 class H5Images:
     """Lazy, picklable reader of a competition HDF5 image file."""
 

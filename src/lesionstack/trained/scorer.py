@@ -27,7 +27,7 @@ from torch import nn
 
 from lesionstack.config import read_config_dict
 from lesionstack.data.dataset import CropDataset, Item, resize_square, shard
-from lesionstack.data.hdf5 import H5Images
+from lesionstack.data.hdf5 import H5Images, release_freed_memory
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.models import GatedClassifier, SeedEnsemble, ensemble_members
 from lesionstack.paths import ArtifactPaths
@@ -186,6 +186,8 @@ class FoldScorer:
         size = self._need_cnn()
         images = H5Images(path, cache_locations=False)  # one pass: nothing kept per crop
         missing = [i for i in ids if i not in images]  # no set of every key (500,000 strings) held meanwhile
+        images.close()  # and none of the HDF5 index those lookups cached: the loader reopens the file
+        release_freed_memory()
         if missing:
             raise KeyError(f"{images.path}: no crop for {len(missing)} id(s), e.g. {missing[:3]}")
         dataset = _TolerantCrops(images, ids, None, size)
