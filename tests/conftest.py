@@ -49,13 +49,16 @@ def public_test_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A trained artifacts folder small enough for any test: 2 CNN folds of timm's test_resnet behind the
-    segmenter gate, 32-px input, one epoch on 24 synthetic crops, with oof_cnn.parquet and folds.csv."""
+    segmenter gate, 32-px input, one epoch on 24 synthetic crops (provenance.json: synthetic), with
+    oof_cnn.parquet and folds.csv."""
     import shutil
 
     from helpers import make_cnn_data, tiny_cnn_config
+    from lesionstack.provenance import mark_synthetic
     from lesionstack.train.cnn import train_cnn
 
     data = make_cnn_data(tmp_path_factory.mktemp("bundle_data"))
+    mark_synthetic(data, "test crops")  # generated crops: the bundle records it, the page shows its banner
     out = tmp_path_factory.mktemp("bundle") / "artifacts"
     train_cnn(data, data / "folds.csv", tiny_cnn_config(epochs=1, batch_size=8), out)
     shutil.copy2(data / "folds.csv", out / "folds.csv")

@@ -18,6 +18,7 @@ import torch
 import yaml
 
 from helpers import TINY_RUN
+from lesionstack import provenance
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.paths import ArtifactPaths
 from lesionstack.pipeline import format_summary, run
@@ -59,6 +60,11 @@ def test_run_writes_every_artifact(trained):
     assert "stacked blend" in text and "best possible" in text and str(art.submission) in text
     sub = pd.read_csv(art.submission)
     assert list(sub.columns) == ["isic_id", "target"] and sub["target"].between(0, 1).all()
+    # demo-data marked the folder and its masks/; the run recorded every stage as synthetic
+    found = provenance.read(out)
+    assert found["synthetic"] is True and sorted(found["stages"]) == ["cnn", "folds", "segmenter", "stack"]
+    assert found["stages"]["segmenter"]["data"] == "masks"
+    assert found["stages"]["cnn"]["marker"]["layout"] == "ISIC 2024 competition"
 
 
 def test_submission_covers_the_test_set(trained, tiny_data):
@@ -104,7 +110,7 @@ def test_run_refuses_to_mix_work_of_another_config(trained, tiny_data, tmp_path,
         run(tiny_data, out, load_run_config(path))
 
 
-def test_predict_from_artifacts_matches_the_runs_submission(trained, tiny_data, tmp_path):
+def test_predict_from_artifacts_matches_the_runs_submission(trained, tiny_data, tmp_path, capsys):
     """`run` scores the test set while training; `predict` (and the kernel) rescore it from the saved
     artifacts. Both paths must give the same submission."""
     from lesionstack.inference.submit import predict
@@ -112,6 +118,8 @@ def test_predict_from_artifacts_matches_the_runs_submission(trained, tiny_data, 
     out, _ = trained
     path = tmp_path / "submission.csv"
     predict(tiny_data, out, path)
+    assert f"warning: the models in {out} (cnn, folds, segmenter, stack) learnt from synthetic data" in \
+        capsys.readouterr().err
     again, during_run = pd.read_csv(path), pd.read_csv(ArtifactPaths(out).submission)
     assert again["isic_id"].tolist() == during_run["isic_id"].tolist()
     assert np.allclose(again["target"], during_run["target"], atol=1e-5)
@@ -232,6 +240,9 @@ def test_kaggle_kernel_runs_offline_on_a_fake_kaggle_input(trained, public_test_
     assert "1 unreadable crop(s) scored tabular-only, stack fold k on CNN fold k's scores" in result.stdout
     sub = pd.read_csv(working / "submission.csv")
     assert sub["isic_id"].tolist() == ["ISIC_0015657", "ISIC_0015729", "ISIC_0015740"]
+    # the bundle carries the run's provenance, and the kernel's log says the models learnt from synthetic data
+    assert provenance.read(dataset / "artifacts") == provenance.read(out)
+    assert "learnt from synthetic data" in result.stderr
     assert sub["target"].between(0, 1).all()
 
 

@@ -56,10 +56,11 @@ def test_a_real_crop_gets_every_part_of_the_answer(client, shared_data):
     assert 0.0 <= body["probability"] <= 1.0
     assert body["rank"]["n_benign"] == 18 and body["rank"]["n_malignant"] == 6
     assert 0 <= body["rank"]["benign_percentile"] <= 100
-    for key in ("overlay_image", "heatmap_image"):
-        picture = base64.b64decode(body[key].removeprefix("data:image/jpeg;base64,"))
-        assert Image.open(io.BytesIO(picture)).size == (384, 384)  # the 139-px square crop, scaled for display
+    picture = base64.b64decode(body["overlay_image"].removeprefix("data:image/jpeg;base64,"))
+    assert Image.open(io.BytesIO(picture)).size == (384, 384)  # the 139-px square crop, scaled for display
     assert body["gradcam_layer"] == "test_resnet: classifier.layer4 (last feature stage)"
+    assert body["heatmap_image"] is None and "1 x 1 cell(s)" in body["gradcam_note"]  # 32 px: no Grad-CAM
+    assert body["training_data"]["synthetic"] is True  # the tiny bundle learnt from generated crops
     assert body["model"]["kind"] == "fold ensemble" and body["model"]["folds"] == [0, 1]
     assert body["model"]["metadata_used"] is False and "tbp_lv_" in body["model"]["metadata_note"]
     assert body["metadata"] == {"age_approx": 55.0, "sex": "female", "anatom_site_general": "posterior torso",

@@ -75,12 +75,23 @@ def test_the_page_scores_a_real_crop_in_chromium(tiny_bundle, shared_data, tmp_p
         WebDriverWait(driver, 60).until(EC.visibility_of_element_located((By.ID, "result")))
         probability = driver.find_element(By.ID, "probability").text
         assert probability.endswith("%") and 0 <= float(probability[:-1]) <= 100, probability
+        shown = {}
         for image in ("overlay", "heatmap"):
-            loaded = driver.execute_script(
-                f"const i = document.getElementById('{image}'); return i.complete && i.naturalWidth;")
-            assert loaded and loaded > 0, f"{image} not shown"
+            shown[image] = driver.execute_script(
+                f"const i = document.getElementById('{image}'); return !i.hidden && i.complete && i.naturalWidth;")
+        assert shown["overlay"], "the outline is not shown"
+        caption = driver.find_element(By.ID, "heatmap-caption").text
+        if bundle == tiny_bundle:  # 32 px input: a 1 x 1 map, so no heatmap and the reason instead
+            assert not shown["heatmap"] and caption.startswith("No Grad-CAM: at this model's 32 px input"), caption
+            banner = driver.find_element(By.ID, "synthetic")  # it learnt from generated crops
+            assert banner.is_displayed() and banner.text.startswith("Demo model: This model learnt from synthetic")
+            label = driver.find_element(By.ID, "probability-label").text
+            assert label.startswith("score of a model trained on synthetic data"), label
+        else:
+            assert shown["heatmap"] or caption.startswith("No Grad-CAM"), caption
         details = driver.find_element(By.ID, "details").text
         assert "fold ensemble" in details and "Research use only" in details and "age_approx = 60" in details
+        assert "Training data" in details
         assert not driver.find_element(By.ID, "error").is_displayed()
         shot = tmp_path / "serve.png"
         driver.save_screenshot(str(shot))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import pandas as pd
 
+from lesionstack import provenance
 from lesionstack.config import ConfigError, save_config
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
@@ -158,6 +159,11 @@ def _record_run(cfg: RunConfig, data: DataPaths, art: ArtifactPaths, *, finished
     art.root.mkdir(parents=True, exist_ok=True)
     save_config(cfg, art.run_config)
     write_json(art.source, {"data_dir": os.fspath(data.root.resolve())})
+    # every stage the run trains learns from this folder (a demo-data folder is marked synthetic)
+    provenance.record(art.root, data.root, ("folds", "cnn", "stack") + (("diagnosis",) if cfg.diagnosis_stage else ()))
+    masks = Path(cfg.masks_dir) if cfg.masks_dir else data.masks
+    if masks.is_dir():
+        provenance.record(art.root, masks, ("segmenter",))
 
 
 def _segmenter(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> SegmenterResult | Skipped:

@@ -26,11 +26,13 @@ import os
 import shutil
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from lesionstack import provenance
 from lesionstack.data.demo_images import _encode, _render_all, draw_cue, render_lesion
 from lesionstack.data.demo_tables import CUES, DemoDataError, DemoSpec, DemoTables, _unique_ids, make_tables
 from lesionstack.paths import DataPaths
@@ -59,6 +61,8 @@ def write_demo_data(out_dir: str | os.PathLike[str], spec: DemoSpec | None = Non
     tmp.chmod(0o755)  # mkdtemp makes it private; the finished data folder is an ordinary one
     try:
         _write_files(DataPaths(tmp), tables, spec, workers)
+        for folder in (tmp, DataPaths(tmp).masks):  # masks/ too: a run may name it as its masks_dir
+            provenance.mark_synthetic(folder, "ISIC 2024 competition", **asdict(spec))
         _replace_dir(tmp, out)
     finally:
         if tmp.exists():
@@ -219,6 +223,7 @@ def write_ham10000_demo(out_dir: str | os.PathLike[str], lesions: int = 300, see
             part = 1 if i < len(meta) // 2 else 2
             (tmp / f"HAM10000_images_part_{part}" / f"{image_id}.jpg").write_bytes(_encode(img[20:140], 90))
         _write_csv(meta, tmp / "HAM10000_metadata.csv")
+        provenance.mark_synthetic(tmp, "HAM10000", lesions=lesions, seed=seed)
         _replace_dir(tmp, out)
     finally:
         if tmp.exists():

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from lesionstack import provenance
 from lesionstack.data.archive import ARCHIVE_METADATA
 from lesionstack.data.demo_images import lesion_stream, render_lesion
 from lesionstack.data.demo_tables import make_tables
@@ -79,6 +80,7 @@ def write_archive_demo(out_dir: str | os.PathLike[str], images: int = 1000, seed
             (tmp / f"{isic_id}.JPG").write_bytes(_encode(img, jpeg_quality))
         _write_csv(meta, tmp / ARCHIVE_METADATA)
         (tmp / "attribution.txt").write_text("lesionstack synthetic archive (no real images)\n", encoding="utf-8")
+        provenance.mark_synthetic(tmp, "ISIC Archive download", images=images, seed=seed)
         tmp.chmod(0o755)  # an ordinary folder once finished
         _replace_dir(tmp, out)
     counts = meta["diagnosis_1"].value_counts().to_dict()

@@ -18,6 +18,9 @@ from lesionstack.data.schema import ID_COLUMN
 from lesionstack.paths import ArtifactPaths
 
 OUTLINE_RGB = (255, 230, 0)  # yellow: visible on skin and on dark lesions alike
+# Grad-CAM is drawn only from a map of at least this many cells a side: a 1 x 1 map (a 32-px input to a
+# stride-32 network) upsamples to one colour over the whole photo, which shows nothing about where
+MIN_CAM_CELLS = 4
 
 
 # ---- Grad-CAM -----------------------------------------------------------------------------------------
@@ -50,8 +53,9 @@ def layer_description(model: nn.Module) -> str | None:
     return f"{arch}: classifier.{found[0]} (last feature stage)"
 
 
-def gradcam(models: list[nn.Module], x: torch.Tensor) -> np.ndarray | None:
-    """Grad-CAM of the malignancy logit, averaged over the fold models: (B, S, S) in [0, 1].
+def gradcam(models: list[nn.Module], x: torch.Tensor) -> tuple[np.ndarray | None, str | None]:
+    """Grad-CAM of the malignancy logit, averaged over the fold models: ((B, S, S) in [0, 1], None), or
+    (None, why there is none): no named feature stage, no spatial map, or a map under 4 x 4 cells.
 
     Per model: activations A of the CAM layer, weights = spatial mean of d logit / d A, map =
     ReLU(sum_c w_c A_c), upsampled to the input size and scaled to a maximum of 1.
@@ -60,7 +64,7 @@ def gradcam(models: list[nn.Module], x: torch.Tensor) -> np.ndarray | None:
     for model in models:
         found = cam_layer(model)
         if found is None:
-            return None
+            return None, "No Grad-CAM: timm names no last feature stage for this architecture."
         captured: list[torch.Tensor] = []
         handle = found[1].register_forward_hook(lambda _m, _i, out, sink=captured: sink.append(out))
         try:
@@ -68,7 +72,9 @@ def gradcam(models: list[nn.Module], x: torch.Tensor) -> np.ndarray | None:
                 logits = model(x.detach().clone().requires_grad_(True))
                 acts = captured[-1]
                 if acts.ndim != 4:  # token output (a ViT): no spatial map to weight
-                    return None
+                    return None, "No Grad-CAM: the last feature stage of this architecture has no spatial map."
+                if min(acts.shape[-2:]) < MIN_CAM_CELLS:
+                    return None, too_coarse(tuple(acts.shape[-2:]), int(x.shape[-1]))
                 grads = torch.autograd.grad(logits.float().sum(), acts)[0]
         finally:
             handle.remove()
@@ -77,7 +83,15 @@ def gradcam(models: list[nn.Module], x: torch.Tensor) -> np.ndarray | None:
         cam = nn.functional.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         peak = cam.flatten(1).amax(dim=1).clamp_min(1e-12).view(-1, 1, 1)
         maps.append((cam / peak).cpu().numpy())
-    return np.mean(maps, axis=0)
+    return np.mean(maps, axis=0), None
+
+
+def too_coarse(cells: tuple[int, ...], size: int) -> str:
+    """Why a map of `cells` at `size` px input gives no Grad-CAM, and what input size would."""
+    need = -(-size * MIN_CAM_CELLS // min(cells))
+    return (f"No Grad-CAM: at this model's {size} px input the classifier's last feature map is "
+            f"{cells[0]} x {cells[1]} cell(s), so a heatmap would be one colour over the whole photo; it needs at "
+            f"least {MIN_CAM_CELLS} x {MIN_CAM_CELLS} cells (an input of about {need} px or more for this network).")
 
 
 # ---- pictures -----------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from lesionstack.files import atomic_path
+from lesionstack.provenance import warn_if_synthetic
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CHUNK = 64  # files per Predictor call: the bar moves, memory stays bounded
@@ -53,6 +54,7 @@ def score(paths: Sequence[str | os.PathLike[str]], artifacts: str | os.PathLike[
     files = image_paths(paths)
     if not files:
         raise FileNotFoundError(f"no JPEG/PNG files in {[str(p) for p in paths]}")
+    warn_if_synthetic(artifacts)  # a demo model's probabilities must not be read as real ones
     table = score_paths(load_predictor(artifacts, device=device), files, progress=progress)
     table["error"] = table["error"].fillna("")
     with atomic_path(out) as tmp:

@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, JSONResponse
 
+from lesionstack import provenance
 from lesionstack.data.decode import decode_input
 from lesionstack.files import read_json
 from lesionstack.inference.explain import (
@@ -156,6 +157,7 @@ class Analyser:
             self.art = predictor.artifacts
             self.reference = Reference.load(self.art)
             self.gradcam_layer = layer_description(predictor.models[0])
+        self.training_data = provenance.describe(self.art.root)  # a demo bundle says so on every answer
         self.lock = threading.Lock()
 
     @property
@@ -176,6 +178,7 @@ class Analyser:
         ref = self.reference
         return {"status": "ok", "artifacts": str(self.art.root), "model": self.model_info(),
                 "gradcam_layer": self.gradcam_layer, "has_diagnosis": self.has_diagnosis,
+                "training_data": self.training_data,
                 "reference": None if ref is None else {"n_benign": len(ref.benign), "n_malignant": len(ref.malignant)},
                 "limits": asdict(self.limits), "sites": list(SITES)}
 
@@ -193,13 +196,14 @@ class Analyser:
         crop = self.model_input(image)
         with self.lock:
             if self.student is not None:
-                probability, masks, cam, diagnosis = float(self.student.score_crops([crop])[0]), None, None, None
+                probability, masks, diagnosis = float(self.student.score_crops([crop])[0]), None, None
+                cam, cam_note = None, "No Grad-CAM: the ONNX student runs without gradients."
             else:
                 p = self.predictor
                 assert p is not None
                 probability = float(p.score_crops([crop])[0])
                 masks = p.masks([crop])
-                cam = gradcam(p.models, p.preprocess([crop]))
+                cam, cam_note = gradcam(p.models, p.preprocess([crop]))
                 diagnosis = self._diagnose(crop)
         photo = display_copy(image.rgb)
         rank = None if self.reference is None else _finite(self.reference.rank(probability))
@@ -209,6 +213,8 @@ class Analyser:
             "overlay_image": None if masks is None else jpeg_data_url(outline(photo, masks[0])),
             "heatmap_image": None if cam is None else jpeg_data_url(heatmap(photo, cam[0])),
             "gradcam_layer": self.gradcam_layer,
+            "gradcam_note": cam_note,
+            "training_data": self.training_data,
             "model": self.model_info(),
             "metadata": metadata,
             "image": {"width": int(image.rgb.shape[1]), "height": int(image.rgb.shape[0]), "format": image.format,

@@ -22,6 +22,7 @@ from lesionstack.data.metadata import check_images_cover, id_mismatch, read_meta
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path
 from lesionstack.paths import ArtifactPaths, DataPaths
+from lesionstack.provenance import warn_if_synthetic
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,7 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
     for line in check_versions(art):
         print(f"warning: {line}; the models are in that library's own format, so they load, "
               "but their scores may differ slightly")
+    warn_if_synthetic(art.root)  # a demo model's submission must not be read as a real one
     meta = read_metadata(data.test_metadata, kind="test")
     drift = read_drift_warnings(meta, art.features_ranges, str(data.test_metadata))
     for line in drift:  # values the models never saw move scores: say which column, how many rows

@@ -39,6 +39,7 @@ import pandas as pd
 import torch
 import torch.distributed as torch_dist
 
+from lesionstack import provenance
 from lesionstack.data.hdf5 import H5Images
 from lesionstack.data.metadata import check_images_cover
 from lesionstack.folds import read_folds
@@ -103,6 +104,8 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     if ctx.is_main:
         log.info("train-cnn on %s (%s, amp %s, %d process(es)), folds %s", data.root, device, rt.dtype,
                  ctx.world_size, todo)
+        art.root.mkdir(parents=True, exist_ok=True)
+        provenance.record(art.root, data.root, ("cnn",))  # serve/score/predict say when it was synthetic
     train_images = images_digest(images.path)
     if cfg.archive is not None and cfg.init_weights is None:
         cfg = dataclasses.replace(cfg, init_weights=str(pretrain_on_archive(cfg, art, rt)))

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Sampler
 
+from lesionstack import provenance
 from lesionstack.config import ConfigError
 from lesionstack.data.dataset import CropDataset, check_corrupt, training_crops
 from lesionstack.data.diagnosis import CLASS_COLUMN, LABEL_COLUMN, PROB_PREFIX, DiagnosisData, diagnosis_folds
@@ -306,6 +307,8 @@ def train_diagnosis(data_dir: str | os.PathLike[str], cfg: DiagnosisConfig, out:
     todo = all_folds if folds_only is None else sorted({int(k) for k in folds_only})
     if set(todo) - set(all_folds):
         raise ValueError(f"--folds-only {todo}: the diagnosis folds are {all_folds}")
+    art.root.mkdir(parents=True, exist_ok=True)
+    provenance.record(art.root, data_dir, ("diagnosis",))  # serve/score say when it was synthetic
     summary: dict[str, Any] = {"folds": {}}
     for fold in todo:
         summary["folds"][fold] = train_fold(fold, data, folds, cfg, art.diagnosis_fold(fold), rt)

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from tqdm.auto import tqdm
 
+from lesionstack import provenance
 from lesionstack.config import ConfigError, load_config
 from lesionstack.data.dataset import CropDataset
 from lesionstack.data.hdf5 import H5Images
@@ -260,6 +261,8 @@ def distill(data_dir: str | os.PathLike[str], artifacts: str | os.PathLike[str],
     folds = read_folds(folds_path or art.folds)
     images = H5Images(data.train_images)
     check_images_cover(folds, set(images.ids), folds_path or art.folds, images.path)
+    if rt.ctx.is_main:
+        provenance.record(art.root, data.root, ("distill",))  # serve says when the student learnt from synthetic data
     teacher = build_teacher(cfg, art, name, folds) if cfg.alpha < 1.0 else None
     all_folds = sorted(int(k) for k in folds["fold"].unique())
     summary: dict[str, Any] = {"folds": {}}
