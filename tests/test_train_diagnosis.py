@@ -41,7 +41,7 @@ def test_ham10000_demo_layout_reads_back(ham):
     assert data.layout == "ham10000" and data.group_kind == "lesion"
     assert (data.counts() >= 6).all() and data.table["group"].nunique() < len(data.table)
     assert {p.name for p in ham.iterdir()} == {"HAM10000_metadata.csv", "HAM10000_images_part_1",
-                                               "HAM10000_images_part_2"}
+                                               "HAM10000_images_part_2", "lesionstack-synthetic.json"}
     assert data.images.read(data.table["isic_id"][0]).shape == (120, 160, 3)
 
 

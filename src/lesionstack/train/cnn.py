@@ -104,8 +104,6 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     if ctx.is_main:
         log.info("train-cnn on %s (%s, amp %s, %d process(es)), folds %s", data.root, device, rt.dtype,
                  ctx.world_size, todo)
-        art.root.mkdir(parents=True, exist_ok=True)
-        provenance.record(art.root, data.root, ("cnn",))  # serve/score/predict say when it was synthetic
     train_images = images_digest(images.path)
     if cfg.archive is not None and cfg.init_weights is None:
         cfg = dataclasses.replace(cfg, init_weights=str(pretrain_on_archive(cfg, art, rt)))
@@ -118,6 +116,8 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
         inputs.update(aux_record)
     summary: dict[str, Any] = {"folds": train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs,
                                                     Path(folds_path))}
+    if ctx.is_main:  # after the folds trained: a failing call changes nothing; serve/score/predict read it
+        provenance.record(art.root, data.root, ("cnn",))
     if all(cnn_fold_done(art.cnn_fold(k)) for k in all_folds):
         record = scores_inputs(data, art, folds, all_folds, train_images)
         if scores_up_to_date(data, art, record):

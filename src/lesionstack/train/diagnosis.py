@@ -307,11 +307,10 @@ def train_diagnosis(data_dir: str | os.PathLike[str], cfg: DiagnosisConfig, out:
     todo = all_folds if folds_only is None else sorted({int(k) for k in folds_only})
     if set(todo) - set(all_folds):
         raise ValueError(f"--folds-only {todo}: the diagnosis folds are {all_folds}")
-    art.root.mkdir(parents=True, exist_ok=True)
-    provenance.record(art.root, data_dir, ("diagnosis",))  # serve/score say when it was synthetic
     summary: dict[str, Any] = {"folds": {}}
     for fold in todo:
         summary["folds"][fold] = train_fold(fold, data, folds, cfg, art.diagnosis_fold(fold), rt)
+    provenance.record(art.root, data_dir, ("diagnosis",))  # after training: serve/score say when synthetic
     if all(art.diagnosis_fold(k).done.exists() for k in all_folds):
         last_fold = max(art.diagnosis_fold(k).done.stat().st_mtime_ns for k in all_folds)
         written = art.diagnosis_cv.is_file() and art.oof_diagnosis.is_file()

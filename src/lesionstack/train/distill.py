@@ -261,8 +261,6 @@ def distill(data_dir: str | os.PathLike[str], artifacts: str | os.PathLike[str],
     folds = read_folds(folds_path or art.folds)
     images = H5Images(data.train_images)
     check_images_cover(folds, set(images.ids), folds_path or art.folds, images.path)
-    if rt.ctx.is_main:
-        provenance.record(art.root, data.root, ("distill",))  # serve says when the student learnt from synthetic data
     teacher = build_teacher(cfg, art, name, folds) if cfg.alpha < 1.0 else None
     all_folds = sorted(int(k) for k in folds["fold"].unique())
     summary: dict[str, Any] = {"folds": {}}
@@ -270,6 +268,8 @@ def distill(data_dir: str | os.PathLike[str], artifacts: str | os.PathLike[str],
         files = art.distill_fold(name, k)
         loss = None if teacher is None else make_loss(cfg, fold_teacher_logits(teacher, folds, k), device)
         summary["folds"][k] = train_fold(k, folds, images, cfg, files, rt, loss_fn=loss)
+    if rt.ctx.is_main:  # after training: serve says when the student learnt from synthetic data
+        provenance.record(art.root, data.root, ("distill",))
     if all(art.distill_fold(name, k).done.is_file() for k in all_folds):
         summary.update(write_student_scores(folds, images, cfg, art, name, rt))
     return summary
