@@ -21,7 +21,7 @@ from lesionstack.files import read_json, write_json
 DATA_MARKER = "lesionstack-synthetic.json"  # in a data folder written by demo-data
 ARTIFACTS_FILE = "provenance.json"  # in an artifacts root, and in the packaged bundle's artifacts/
 SYNTHETIC_NOTE = ("learnt from synthetic data made by `lesionstack demo-data`, not from photos of real lesions: "
-                  "its scores show that the pipeline runs and say nothing about a real lesion")
+                  "the scores show that the pipeline runs and say nothing about a real lesion")
 
 
 def mark_synthetic(folder: str | os.PathLike[str], layout: str, **settings: Any) -> Path:
