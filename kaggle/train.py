@@ -7,7 +7,9 @@ Inputs (attach them to the notebook; internet off; kaggle/train-metadata.json li
                                    state dict; which file: LESIONSTACK_WEIGHTS_FILE, else the only one)
   * the ISIC 2018 Task 1 masks  -> {INPUT_ROOT}/isic2018-task1/  (X.jpg + X_segmentation.png, any depth)
   * the lesionstack source      -> {INPUT_ROOT}/lesionstack-source/  (the repository: pyproject.toml, src/,
-                                   configs/, kaggle/; imported from there, never installed from the internet)
+                                   configs/, kaggle/; imported from there, never installed from the internet),
+                                   with wheels/ holding simplejpeg's wheel for the image's Python (the one
+                                   library training needs that the Kaggle image lacks)
   * from the second session on: this notebook's previous output -> {INPUT_ROOT}/lesionstack-train/
 Each session copies the previous output into /kaggle/working (unless it is there already), then runs the
 pipeline, which reuses every finished stage and fold and resumes an unfinished fold from its checkpoint. The
@@ -41,6 +43,7 @@ RUN_CONFIG = os.environ.get("LESIONSTACK_RUN_CONFIG", "configs/run/isic2024.yaml
 DATASET_ID = os.environ.get("LESIONSTACK_DATASET_ID", "your-kaggle-username/lesionstack-model")
 BUDGET_S = float(os.environ.get("LESIONSTACK_TIME_BUDGET_H", "11.5")) * 3600
 ARTIFACTS, BUNDLE, CONFIG = OUTPUT / "artifacts", OUTPUT / "lesionstack-model", OUTPUT / "run-config.yaml"
+SITE = OUTPUT / "lesionstack-site"  # the source dataset's wheels, installed offline
 
 
 def use_source() -> Path:
@@ -51,8 +54,24 @@ def use_source() -> Path:
     copy = OUTPUT / "lesionstack-src"
     if not copy.is_dir():
         shutil.copytree(SOURCE, copy, ignore=shutil.ignore_patterns(".git", ".venv", "*.egg-info", "build"))
+    install_wheels(copy / "wheels")
     sys.path.insert(0, str(copy / "src"))
     return copy
+
+
+def install_wheels(folder: Path) -> None:
+    """Each wheel of the source dataset's wheels/ on its own, offline, beside (not over) the image's
+    libraries; a wheel for another Python is skipped. Then simplejpeg must import (the segmenter needs it)."""
+    for wheel in sorted(folder.glob("*.whl")):
+        result = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps",
+                                 "--upgrade", "--target", str(SITE), str(wheel)], capture_output=True, text=True)
+        print(f"{'installed' if result.returncode == 0 else 'skipped (not for this Python)'} {wheel.name}")
+    sys.path.insert(0, str(SITE))
+    try:
+        import simplejpeg  # noqa: F401
+    except ImportError as err:
+        raise SystemExit(f"simplejpeg is not importable ({err}): put its wheel for this Python in the source "
+                         f"dataset's wheels/ (docs/kaggle.md, 'Training on Kaggle')") from err
 
 
 def resume_previous() -> None:
@@ -96,7 +115,7 @@ def write_run_config(source: Path) -> Path:
 
 def run_within_budget(source: Path, config: Path) -> bool:
     """`lesionstack run` in a child process, stopped when the budget runs out; True when it finished."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(source / "src")}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": os.pathsep.join([str(source / "src"), str(SITE)])}
     cmd = [sys.executable, "-m", "lesionstack.cli", "run", str(COMPETITION), "--artifacts", str(ARTIFACTS),
            "--config", str(config)]
     print("running:", " ".join(cmd), flush=True)

@@ -25,6 +25,7 @@ import yaml
 
 from lesionstack import provenance
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
+from lesionstack.inference.package import Target, download_wheels, read_image, shipped_requirements
 from lesionstack.paths import ArtifactPaths
 from test_pipeline import TINY_RUN
 
@@ -61,6 +62,8 @@ def kaggle_input(tmp_path_factory) -> Path:
     safetensors.torch.save_file(timm.create_model("test_resnet").state_dict(),
                                 root / "lesionstack-weights" / "test_resnet.safetensors")
     shutil.copytree(REPO, root / "lesionstack-source", ignore=shutil.ignore_patterns(*NOT_SOURCE))
+    for py in ("3.11", "3.12"):  # simplejpeg for this machine's Pythons, as the docs have it downloaded
+        download_wheels(shipped_requirements(read_image()), root / "lesionstack-source" / "wheels", Target(python=py))
     tiny = {**TINY_RUN, "report": False}
     (root / "lesionstack-source" / "configs" / "run" / "tiny-test.yaml").write_text(yaml.safe_dump(tiny))
     return root
