@@ -101,7 +101,7 @@ def write_run_config(source: Path) -> Path:
     import dataclasses
 
     from lesionstack.config import save_config
-    from lesionstack.pipeline import load_run_config
+    from lesionstack.run_config import load_run_config
 
     cfg = load_run_config(source / RUN_CONFIG)
     weights = str(weights_file())
