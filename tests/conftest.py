@@ -49,7 +49,7 @@ def public_test_dir(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bundle(tmp_path_factory) -> Path:
     """A trained artifacts folder small enough for any test: 2 CNN folds of timm's test_resnet behind the
-    segmenter gate, 32-px input, one epoch on 24 synthetic crops (provenance.json: synthetic), with
+    segmenter gate, 32-px input, one epoch on 24 synthetic crops (training_data.json: synthetic), with
     oof_cnn.parquet and folds.csv."""
     import shutil
 

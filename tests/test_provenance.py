@@ -1,5 +1,5 @@
 """The bundle knows where its data came from: demo-data marks its folders, training records the folder in
-ARTIFACTS/provenance.json, and `score` and `serve` say plainly when a model learnt from synthetic data;
+ARTIFACTS/training_data.json, and `score` and `serve` say plainly when a model learnt from synthetic data;
 Grad-CAM only from a map of at least 4 x 4 cells. (`run`, `predict` and `package`: tests/test_pipeline.py.)"""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 * `demo-data` (every layout it writes) leaves a marker in the data folder: `DATA_MARKER`, a small JSON
   file saying the folder is synthetic, what wrote it and with which settings.
-* Each training stage records the folder it learnt from in `ARTIFACTS/provenance.json` (`record`): one
+* Each training stage records the folder it learnt from in `ARTIFACTS/training_data.json` (`record`): one
   entry per stage (a later stage run on other data replaces only its own entry); `run` records all of its
   stages at once. A folder without a marker is taken as the user's own (real) data.
 * `package` ships the file in the Kaggle bundle; `serve` shows a banner, and `score` and `predict` print a
@@ -19,7 +19,9 @@ from typing import Any
 from lesionstack.files import read_json, write_json
 
 DATA_MARKER = "lesionstack-synthetic.json"  # in a data folder written by demo-data
-ARTIFACTS_FILE = "provenance.json"  # in an artifacts root, and in the packaged bundle's artifacts/
+# in an artifacts root, and in the packaged bundle's artifacts/ (run's provenance.json is another record: code and
+# library versions, stage times)
+ARTIFACTS_FILE = "training_data.json"
 SYNTHETIC_NOTE = ("learnt from synthetic data made by `lesionstack demo-data`, not from photos of real lesions: "
                   "the scores show that the pipeline runs and say nothing about a real lesion")
 
@@ -44,7 +46,7 @@ def data_provenance(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def record(artifacts: str | os.PathLike[str], data: str | os.PathLike[str], stages: tuple[str, ...]) -> dict:
-    """Record in ARTIFACTS/provenance.json that `stages` learnt from the folder `data`; return the record.
+    """Record in ARTIFACTS/training_data.json that `stages` learnt from the folder `data`; return the record.
     Only the folder's name is kept (the file travels in the bundle; a home path should not)."""
     path = Path(artifacts) / ARTIFACTS_FILE
     current = read_json(path) if path.is_file() else {}
@@ -56,7 +58,7 @@ def record(artifacts: str | os.PathLike[str], data: str | os.PathLike[str], stag
 
 
 def read(artifacts: str | os.PathLike[str]) -> dict[str, Any] | None:
-    """ARTIFACTS/provenance.json, or None for a bundle that never recorded one."""
+    """ARTIFACTS/training_data.json, or None for a bundle that never recorded one."""
     path = Path(artifacts) / ARTIFACTS_FILE
     return read_json(path) if path.is_file() else None
 

@@ -26,7 +26,7 @@ from lesionstack.tabular.gbdt import FAMILIES, find_pickles
 # What a packaged model needs at prediction time, relative to the artifacts root.
 PACKAGED_FILES = ("cv.json", "folds.csv", "config.yaml", "tune/best_params.json", "versions.json",
                   "features/train_ranges.json",  # predict warns about test values training never saw
-                  "provenance.json")  # predict warns when the models learnt from synthetic data
+                  "training_data.json")  # predict warns when the models learnt from synthetic data
 PACKAGED_DIRS = ("cnn", "stack")
 # Libraries whose versions are recorded beside the models and compared at prediction time.
 VERSIONED = ("torch", "timm", *(f.package for f in FAMILIES.values()), "scikit-learn", "polars", "pandas", "numpy")
