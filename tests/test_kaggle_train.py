@@ -23,11 +23,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from helpers import TINY_RUN
 from lesionstack import provenance
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.inference.package import Target, download_wheels, read_image, shipped_requirements
 from lesionstack.paths import ArtifactPaths
-from test_pipeline import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_SOURCE = (".git", ".venv", ".kaggle-venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", "demo",
