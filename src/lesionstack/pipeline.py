@@ -93,8 +93,9 @@ def run(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: RunC
         check_run(data, art, cfg)
     _record_run(cfg, data, art, finished=False)
     art.root.mkdir(parents=True, exist_ok=True)
-    write_json(art.provenance, _provenance())  # this attempt's; a resumed stage's seconds are its reuse
-    times: dict[str, float] = {}  # each stage's seconds, recorded in provenance.json for the report
+    # this attempt's record; a resumed stage's seconds are its reuse. Written only once every stage before the
+    # report has succeeded, so a failing run leaves a finished folder's provenance.json as it was
+    prov, times = _provenance(), {}
     _step(1, "folds", lambda: folds_stage(data, art, cfg.folds), art, times)
     seg = _step(2, "segmenter", lambda: _segmenter(cfg, data, art), art, times)
     cnn_cfg = cnn_config_with(cfg.cnn, seg)
@@ -104,7 +105,9 @@ def run(data_dir: str | os.PathLike[str], out: str | os.PathLike[str], cfg: RunC
     stack = _step(6, "stack", lambda: _stack(cfg, art), art, times)
     _step(7, "predict", lambda: _predict(data, art), art, times)
     _step(8, "diagnosis", lambda: _diagnosis(cfg, data, art), art, times)
+    write_json(art.provenance, {**prov, "stage_seconds": times})  # the report shows the stages so far
     _step(9, "report", lambda: _report(cfg, data, art), art, times)
+    write_json(art.provenance, {**prov, "stage_seconds": times})
     summary = _summary(data, art, stack)
     _record_run(cfg, data, art, finished=True)
     write_json(art.run_summary, _relative_paths(summary, art.root))
@@ -117,8 +120,6 @@ def _step(i: int, name: str, fn: Callable[[], R], art: ArtifactPaths, times: dic
     result = fn()
     times[name] = round(time.perf_counter() - start, 1)
     log.info("[%d/%d] %s: %s (%.0f s)", i, N_STEPS, name, result, times[name])
-    if art.provenance.is_file():  # before the report step too, so the report shows the stages so far
-        write_json(art.provenance, {**read_json(art.provenance), "stage_seconds": times})
     return result
 
 
