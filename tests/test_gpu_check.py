@@ -26,7 +26,7 @@ def test_gpu_check_runs_on_cpu_and_says_what_it_skipped(tmp_path):
     env = {**os.environ, "PYTHON": sys.executable, "LESIONSTACK": cli, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
     result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), str(tmp_path / "work")],
-                            capture_output=True, text=True, env=env, timeout=600)
+                            capture_output=True, text=True, env=env, timeout=1200)
     out = result.stdout
     assert result.returncode == 0, out + result.stderr[-3000:]
     assert "no CUDA device: skipped CUDA, AMP and channels_last" in out
