@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from lesionstack.config import ConfigError
 from lesionstack.data.diagnosis import (
     HAM10000_METADATA,
     DiagnosisDataError,
@@ -159,7 +160,8 @@ def test_label_map_longest_prefix_and_config_errors():
     assert m.class_of("Benign::Benign melanocytic proliferations::Nevus") == "benign"
     assert m.class_of("Indeterminate::Indeterminate epidermal proliferations") == "drop"
     assert m.class_of("Benignish") is None  # whole levels only
-    with pytest.raises(DiagnosisDataError, match="not in labels.classes"):
+    # a label map is config: a class it maps to but does not declare is a config error (exit 3), not bad data
+    with pytest.raises(ConfigError, match="not in labels.classes"):
         LabelMap(classes=("benign", "melanoma"), mapping={"Benign": "benign", "Malignant": "cancer"})
 
 
