@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from helpers import FAST_REPORT, cv_json_of, make_report_artifacts
+from lesionstack import provenance
 from lesionstack.files import write_json
 from lesionstack.metrics import pauc
 from lesionstack.paths import ArtifactPaths, DataPaths
@@ -129,9 +130,21 @@ def test_synthetic_data_is_said_first_and_real_data_gets_no_banner(research_repo
     body = page.split("<body>", 1)[1]
     assert body.index("Synthetic data") < body.index("<h2>")
     paths = make_report_artifacts(tmp_path)
-    DataPaths(Path(str(pd.read_json(paths.source, typ="series")["data_dir"]))).demo_truth.unlink()
+    data = DataPaths(Path(str(pd.read_json(paths.source, typ="series")["data_dir"])))
+    data.demo_truth.unlink()
     shutil.rmtree(paths.segmenter.dir)
+    (paths.root / provenance.ARTIFACTS_FILE).unlink(missing_ok=True)
+    marker = data.root / provenance.DATA_MARKER
+    provenance.mark_synthetic(data.root, "isic2024")  # demo-data's marker alone is enough
+    assert provenance.DATA_MARKER in write_report(paths.root, config=FAST_REPORT).read_text()
+    marker.unlink()
     assert "Synthetic data" not in write_report(paths.root, config=FAST_REPORT).read_text()
+    provenance.record(paths.root, data.root, ("cnn",))  # the run's record names no synthetic stage here
+    assert "Synthetic data" not in write_report(paths.root, config=FAST_REPORT).read_text()
+    provenance.mark_synthetic(data.root, "isic2024")
+    provenance.record(paths.root, data.root, ("cnn",))
+    marker.unlink()  # the data folder moved on; the run's record still says what the models learnt from
+    assert provenance.ARTIFACTS_FILE in write_report(paths.root, config=FAST_REPORT).read_text()
 
 
 def test_validation_points_skip_unvalidated_epochs_and_mark_the_kept_one():

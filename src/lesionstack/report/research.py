@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from lesionstack import provenance
 from lesionstack.config import read_config_dict
 from lesionstack.files import read_json
 from lesionstack.folds import fold_group
@@ -46,18 +47,32 @@ def with_metadata(inputs: ReportInputs) -> pd.DataFrame | None:
     return frame
 
 
+def synthetic_evidence(inputs: ReportInputs) -> str | None:
+    """Why the data are synthetic, or None: the run's training-data record (`provenance.record`), else the
+    marker `demo-data` leaves in the data folder, else a data folder of an older release holding the truth
+    file only demo data have."""
+    if provenance.synthetic_stages(provenance.read(inputs.paths.root)):
+        return f"the run's {provenance.ARTIFACTS_FILE} says its models learnt from `lesionstack demo-data` output"
+    if inputs.data_dir is None:
+        return None
+    if provenance.data_provenance(inputs.data_dir)["synthetic"]:
+        return f"{inputs.data_dir} holds the {provenance.DATA_MARKER} marker of `lesionstack demo-data`"
+    if DataPaths(inputs.data_dir).demo_truth.is_file():
+        return f"{inputs.data_dir} holds demo-truth.csv, written only by `lesionstack demo-data`"
+    return None
+
+
 def is_synthetic(inputs: ReportInputs) -> bool:
-    """True for `demo-data` output: its truth file sits in the data folder (real data has none)."""
-    return inputs.data_dir is not None and DataPaths(inputs.data_dir).demo_truth.is_file()
+    return synthetic_evidence(inputs) is not None
 
 
 def synthetic_banner(inputs: ReportInputs) -> str:
     """The first thing on the page when the data are synthetic: no figure here is a clinical result."""
-    if not is_synthetic(inputs):
+    evidence = synthetic_evidence(inputs)
+    if evidence is None:
         return ""
-    return h.note(f"Synthetic data: {inputs.data_dir} was written by `lesionstack demo-data` (it holds "
-                  "demo-truth.csv). Its lesions, labels and images are generated; every number on this page "
-                  "measures the pipeline on made-up data, not skin-cancer detection.")
+    return h.note(f"Synthetic data: {evidence}. Its lesions, labels and images are generated; every number on "
+                  "this page measures the pipeline on made-up data, not skin-cancer detection.")
 
 
 # ---- provenance -------------------------------------------------------------------------------------------
