@@ -62,10 +62,6 @@ def synthetic_evidence(inputs: ReportInputs) -> str | None:
     return None
 
 
-def is_synthetic(inputs: ReportInputs) -> bool:
-    return synthetic_evidence(inputs) is not None
-
-
 def synthetic_banner(inputs: ReportInputs) -> str:
     """The first thing on the page when the data are synthetic: no figure here is a clinical result."""
     evidence = synthetic_evidence(inputs)

@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 from lesionstack.config import ConfigError
 from lesionstack.data.archive import BENIGN, INDETERMINATE, MALIGNANT, read_archive
 from lesionstack.data.dataset import CropDataset
-from lesionstack.files import read_json, write_json, write_text
+from lesionstack.files import write_json, write_text
 from lesionstack.models import build_model
 from lesionstack.paths import ArtifactPaths, FoldFiles
 from lesionstack.resume import Resume, file_digest, files_digest, frame_digest, guard
@@ -121,11 +121,6 @@ def _pretrain_record(cfg: CNNConfig) -> Any:
 
     # the folds' keys held at one fixed (valid) value each: they never change the pretraining
     return dataclasses.replace(cfg, init_weights=None, epochs=1, keep="last", seeds_per_fold=1)
-
-
-def read_pretrain_metrics(art: ArtifactPaths) -> dict[str, Any] | None:
-    files = pretrain_files(art)
-    return read_json(files.metrics) if files.done.is_file() else None
 
 
 def load_init_weights(model: torch.nn.Module, path: str) -> None:
