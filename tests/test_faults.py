@@ -45,11 +45,11 @@ def data(tmp_path_factory) -> Path:
 def stacked(data, tmp_path_factory) -> Path:
     """Folds, tabular features and a trained stacker (no CNN): the inputs of the later stages."""
     from lesionstack.folds import make_folds_file
-    from lesionstack.tabular.features_stage import features_stage
+    from lesionstack.tabular.features_stage import FeaturesConfig, features_stage
 
     out = tmp_path_factory.mktemp("faults_art") / "artifacts"
     make_folds_file(data, ArtifactPaths(out).folds, n_folds=2, seed=0)
-    features_stage(DataPaths(data), ArtifactPaths(out), use_cnn=False)
+    features_stage(DataPaths(data), ArtifactPaths(out), FeaturesConfig(use_cnn=False))
     (out.parent / "stack.yaml").write_text(STACK_YAML)
     return out
 

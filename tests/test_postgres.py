@@ -25,7 +25,7 @@ import pytest
 from lesionstack.data.synthetic import DemoSpec, write_demo_data
 from lesionstack.folds import make_folds_file
 from lesionstack.paths import ArtifactPaths, DataPaths
-from lesionstack.tabular.features_stage import features_stage
+from lesionstack.tabular.features_stage import FeaturesConfig, features_stage
 
 STUDY = "shared-lgbm"
 
@@ -90,7 +90,7 @@ def tune_inputs(tmp_path_factory) -> Path:
                                             mask_count=0, test_fraction=0.0))
     out = root / "artifacts"
     make_folds_file(root / "data", ArtifactPaths(out).folds, n_folds=2, seed=0)
-    features_stage(DataPaths(root / "data"), ArtifactPaths(out), use_cnn=False)
+    features_stage(DataPaths(root / "data"), ArtifactPaths(out), FeaturesConfig(use_cnn=False))
     config = root / "stack.yaml"
     config.write_text("models: [lgbm]\nseeds: [0]\nn_rounds: 20\nneg_pos_ratio: 0\nn_jobs: 1\n")
     return out

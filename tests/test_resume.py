@@ -22,7 +22,7 @@ from lesionstack.files import read_json, write_text
 from lesionstack.paths import ArtifactPaths, DataPaths, FoldFiles
 from lesionstack.resume import Resume, ResumeError, frame_digest, guard, images_digest
 from lesionstack.runtime import load_weights
-from lesionstack.tabular.features_stage import features_stage
+from lesionstack.tabular.features_stage import FeaturesConfig, features_stage
 from lesionstack.tabular.pairing import PairingError
 from lesionstack.tabular.stack import train_stack
 from lesionstack.tabular.stack_config import StackConfig
@@ -129,13 +129,13 @@ def test_features_are_rebuilt_when_metadata_values_or_cnn_scores_change(tmp_path
     data = DataPaths(tmp_path / "data")
     write_demo_data(data.root, DemoSpec(patients=8, lesions_per_patient=6, seed=1, mask_count=0))
     art = ArtifactPaths(tmp_path / "art")
-    assert not features_stage(data, art).reused
-    assert features_stage(data, art).reused
+    assert not features_stage(data, art, FeaturesConfig()).reused
+    assert features_stage(data, art, FeaturesConfig()).reused
     meta = pd.read_csv(data.train_metadata)
     meta.loc[3, "tbp_lv_areaMM2"] += 1.0  # one value, same columns and rows
     meta.to_csv(data.train_metadata, index=False)
     with caplog.at_level(logging.INFO, logger="lesionstack"):
-        result = features_stage(data, art)
+        result = features_stage(data, art, FeaturesConfig())
     assert not result.reused and any("train_metadata changed" in m for m in caplog.messages)
     # CNN scores appear: the train table is rebuilt with them
     ids = meta["isic_id"]
@@ -143,11 +143,11 @@ def test_features_are_rebuilt_when_metadata_values_or_cnn_scores_change(tmp_path
     test_ids = pd.read_csv(data.test_metadata)["isic_id"]
     pd.DataFrame({"isic_id": test_ids, "score": 0.5}).to_parquet(art.test_cnn)  # an older release's: the mean only
     with pytest.raises(PairingError, match=r"test_cnn.parquet: no per-fold CNN scores .* `lesionstack train-cnn`"):
-        features_stage(data, art)
+        features_stage(data, art, FeaturesConfig())
     pd.DataFrame({"isic_id": test_ids, "score": 0.5, "score_fold_0": 0.4, "score_fold_1": 0.6}).to_parquet(art.test_cnn)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="lesionstack"):
-        result = features_stage(data, art)
+        result = features_stage(data, art, FeaturesConfig())
     assert result.with_cnn and any("train_cnn_scores changed" in m for m in caplog.messages)
     assert "cnn_score" in pd.read_parquet(art.features_train).columns
     paired = pd.read_parquet(art.features_test_folds)  # each CNN fold's test features, for stack fold k
@@ -155,7 +155,7 @@ def test_features_are_rebuilt_when_metadata_values_or_cnn_scores_change(tmp_path
     assert np.allclose(paired.groupby("fold")["cnn_score"].mean(), [0.4, 0.6])
     # losing the paired table alone rebuilds the tables
     art.features_test_folds.unlink()
-    assert not features_stage(data, art).reused and art.features_test_folds.is_file()
+    assert not features_stage(data, art, FeaturesConfig()).reused and art.features_test_folds.is_file()
 
 
 # ---- tuning, best params, stacker folds ----------------------------------------------------------------

@@ -28,14 +28,26 @@ VERSIONS = "versions.json"  # library versions a model bundle was made with
 CHECKPOINT = "checkpoint.pt"
 
 
+# Every stage is `*_stage(data paths, artifacts paths, config) -> frozen result`: the data paths are one of the
+# `*Paths` types below (what the stage learns from), the artifacts paths `ArtifactPaths` (where it writes).
+
+
 @dataclass(frozen=True)
 class DataPaths:
-    """The files of one data folder in the competition's layout."""
+    """The files of one data folder in the competition's layout, and the fold file to train on when it is
+    not the artifacts root's own `folds.csv` (`train-cnn --folds`)."""
 
     root: Path
+    folds: Path | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        if self.folds is not None:
+            object.__setattr__(self, "folds", Path(self.folds))
+
+    def fold_file(self, art: ArtifactPaths) -> Path:
+        """The fold file a training stage splits by: `folds` when given, else `art.folds`."""
+        return self.folds or art.folds
 
     @property
     def train_metadata(self) -> Path:
@@ -64,6 +76,30 @@ class DataPaths:
     @property
     def demo_truth(self) -> Path:
         return self.root / DEMO_TRUTH
+
+
+@dataclass(frozen=True)
+class MaskPaths:
+    """A folder of segmentation masks in the ISIC 2018 Task 1 layout (`X.jpg` + `X_segmentation.png`,
+    subfolders allowed): what the segmenter learns from (`DataPaths.masks` for a demo data folder)."""
+
+    root: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+
+
+@dataclass(frozen=True)
+class TablePaths:
+    """What the stacker and its tuner learn from: a training feature table and the fold file that splits it
+    (`ArtifactPaths.tables`: the `features` and `folds` stages' outputs)."""
+
+    features: Path
+    folds: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "features", Path(self.features))
+        object.__setattr__(self, "folds", Path(self.folds))
 
 
 @dataclass(frozen=True)
@@ -224,6 +260,11 @@ class ArtifactPaths:
     @property
     def features_train(self) -> Path:
         return self.root / "features" / "train.parquet"
+
+    @property
+    def tables(self) -> TablePaths:
+        """The training feature table and the fold file, as `tune` and `train-stack` read them."""
+        return TablePaths(self.features_train, self.folds)
 
     @property
     def features_test(self) -> Path:

@@ -30,7 +30,7 @@ from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json
 from lesionstack.folds import folds_stage
 from lesionstack.metrics import pauc
-from lesionstack.paths import ArtifactPaths, DataPaths
+from lesionstack.paths import ArtifactPaths, DataPaths, MaskPaths
 from lesionstack.preflight import check_run
 from lesionstack.report.inputs import selection_caveat
 from lesionstack.run_config import RunConfig
@@ -185,7 +185,7 @@ def _segmenter(cfg: RunConfig, data: DataPaths, art: ArtifactPaths) -> Segmenter
     from lesionstack.train.segmenter import segmenter_stage
 
     # a segmenter already trained under this root with this config is reused (its resume guard checks)
-    return segmenter_stage(masks, art, cfg.segmenter)
+    return segmenter_stage(MaskPaths(masks), art, cfg.segmenter)
 
 
 def cnn_config_with(cnn: CNNConfig, seg: SegmenterResult | Skipped) -> CNNConfig:
@@ -214,24 +214,24 @@ def _cnn(data: DataPaths, art: ArtifactPaths, cfg: CNNConfig) -> CNNResult:
 
 
 def _features(data: DataPaths, art: ArtifactPaths) -> FeaturesResult:
-    from lesionstack.tabular.features_stage import features_stage
+    from lesionstack.tabular.features_stage import FeaturesConfig, features_stage
 
-    return features_stage(data, art)
+    return features_stage(data, art, FeaturesConfig())
 
 
 def _tune(cfg: RunConfig, art: ArtifactPaths) -> TuneResult | Skipped:
     if not cfg.tune.enabled:
         return Skipped("tune.enabled is false")
-    from lesionstack.tabular.tune import tune_stage
+    from lesionstack.tabular.tune import TuneConfig, tune_stage
 
     # a finished study is not rerun (each call would add n_trials more trials); the guard checks it
-    return tune_stage(art, cfg.stack, cfg.tune, rerun=False)
+    return tune_stage(art.tables, art, TuneConfig(cfg.stack, cfg.tune), rerun=False)
 
 
 def _stack(cfg: RunConfig, art: ArtifactPaths) -> StackResult:
     from lesionstack.tabular.stack import stack_stage
 
-    return stack_stage(art, cfg.stack)
+    return stack_stage(art.tables, art, cfg.stack)
 
 
 def _predict(data: DataPaths, art: ArtifactPaths) -> PredictResult | Skipped:

@@ -30,6 +30,7 @@ def distill_cmd(
     folds_only: FoldsOnly = "",
 ) -> None:
     """Distil the stacker into an image-only student per fold (no-leak nested teacher); write OOF scores."""
+    import dataclasses
     import logging
 
     from lesionstack.preflight import check_data, check_writable, exists
@@ -45,9 +46,9 @@ def distill_cmd(
     check_data(DataPaths(data), test=False)
     exists(art.folds, "fold file (from `lesionstack folds` or `run`)")
     check_writable(artifacts)
-    student = name or (config.stem if config is not None else "default")
+    cfg = dataclasses.replace(cfg, name=name or cfg.name or (config.stem if config is not None else "default"))
     with artifacts_lock("distill", artifacts):
-        result = distill_stage(DataPaths(data), art, cfg, name=student, folds_only=only)
+        result = distill_stage(DataPaths(data), art, cfg, folds_only=only)
     typer.echo(result)
 
 
@@ -61,7 +62,7 @@ def phone_eval_cmd(
 ) -> None:
     """OOF pAUC of an image model on its validation crops, clean and degraded like phone photos."""
     from lesionstack.preflight import check_writable, exists
-    from lesionstack.train.robustness import phone_stage
+    from lesionstack.train.robustness import PhoneEvalConfig, phone_stage
 
     art = ArtifactPaths(artifacts)
     exists(artifacts, "artifacts folder", folder=True)
@@ -69,7 +70,7 @@ def phone_eval_cmd(
     exists(data, "data folder", folder=True)
     check_writable(artifacts)
     with artifacts_lock("phone-eval", artifacts):
-        result = phone_stage(DataPaths(data), art, model=model, seed=seed)
+        result = phone_stage(DataPaths(data), art, PhoneEvalConfig(model=model, seed=seed))
     typer.echo(result)
 
 

@@ -37,6 +37,7 @@ def train_seg_cmd(
 ) -> None:
     """Train the U-Net lesion segmenter (BCE + Dice); report held-out Dice/IoU; save the best weights."""
     from lesionstack.config import load_config
+    from lesionstack.paths import MaskPaths
     from lesionstack.preflight import check_masks, check_writable
     from lesionstack.train.segmenter import SegConfig, segmenter_stage
 
@@ -44,7 +45,7 @@ def train_seg_cmd(
     check_masks(masks)
     check_writable(artifacts)
     with artifacts_lock("train-seg", artifacts):
-        m = segmenter_stage(masks, ArtifactPaths(artifacts), cfg, progress=progress)
+        m = segmenter_stage(MaskPaths(masks), ArtifactPaths(artifacts), cfg, progress=progress)
     typer.echo(
         f"segmenter {m.encoder}: held-out Dice {m.dice:.4f}, IoU {m.iou:.4f} (best epoch {m.best_epoch} of "
         f"{m.n_epochs}; {m.n_train} train / {m.n_val} val; {m.seconds:.0f} s) -> {m.weights}"
@@ -66,8 +67,8 @@ def train_cnn_cmd(
     from lesionstack.train.cnn import cnn_stage
     from lesionstack.train.cnn_config import load_cnn_config
 
-    art, paths = ArtifactPaths(artifacts), DataPaths(data)
-    folds = folds or art.folds
+    art, paths = ArtifactPaths(artifacts), DataPaths(data, folds)
+    folds = paths.fold_file(art)
     only = fold_list(folds_only)
     cfg = load_cnn_config(config, segmenter=segmenter)
     check_crops(paths)  # the test crops too: the CNN scores them when the last fold finishes
@@ -75,7 +76,7 @@ def train_cnn_cmd(
     check_fold_file(folds, paths)
     check_writable(artifacts)
     with artifacts_lock("train-cnn", artifacts):
-        result = cnn_stage(paths, art, cfg, folds=folds, folds_only=only)
+        result = cnn_stage(paths, art, cfg, folds_only=only)
     for m in result.folds:
         typer.echo(f"{m} (keep: {result.keep})")
     if result.oof_pauc is not None:
@@ -115,13 +116,13 @@ def features_cmd(
 ) -> None:
     """Build the feature tables of train (and test) metadata: the same function for both."""
     from lesionstack.preflight import check_data, check_writable
-    from lesionstack.tabular.features_stage import features_stage
+    from lesionstack.tabular.features_stage import FeaturesConfig, features_stage
 
     paths = DataPaths(data)
     check_data(paths, test=paths.test_metadata.is_file())  # test tables when the folder has test files
     check_writable(artifacts)
     with artifacts_lock("features", artifacts):
-        result = features_stage(paths, ArtifactPaths(artifacts), use_cnn=cnn)
+        result = features_stage(paths, ArtifactPaths(artifacts), FeaturesConfig(use_cnn=cnn))
     for table in result.tables:
         reused = " (unchanged inputs: reused)" if result.reused else ""
         typer.echo(f"{table}{' (with CNN scores)' if result.with_cnn else ''}{reused}")
@@ -147,7 +148,7 @@ def tune_cmd(
     from lesionstack.folds import read_folds
     from lesionstack.preflight import check_writable, exists
     from lesionstack.tabular.stack_config import StackConfig
-    from lesionstack.tabular.tune import TuneSettings, tune_stage
+    from lesionstack.tabular.tune import TuneConfig, TuneSettings, tune_stage
 
     settings = load_config(TuneSettings, None, enabled=True, model=model, n_trials=n_trials, timeout=timeout,
                            storage=storage, study_name=study_name, seed=seed)
@@ -157,7 +158,7 @@ def tune_cmd(
     exists(art.features_train, "feature table (from `lesionstack features`)")
     check_writable(artifacts)
     with artifacts_lock("tune", artifacts):
-        tune_stage(art, cfg, settings)
+        tune_stage(art.tables, art, TuneConfig(cfg, settings))
 
 
 def train_stack_cmd(
@@ -177,7 +178,7 @@ def train_stack_cmd(
     exists(art.features_train, "feature table (from `lesionstack features`)")
     check_writable(artifacts)
     with artifacts_lock("train-stack", artifacts):
-        result = stack_stage(art, cfg)
+        result = stack_stage(art.tables, art, cfg)
     typer.echo(result.text)
     typer.echo(f"wrote {art.oof_stack}, {art.cv_json}, {art.feature_importance}")
 

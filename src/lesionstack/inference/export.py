@@ -24,16 +24,14 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from lesionstack.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from lesionstack.files import read_json, write_json
-
-if TYPE_CHECKING:
-    from lesionstack.paths import ArtifactPaths, DataPaths
+from lesionstack.paths import ArtifactPaths, DataPaths
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +286,6 @@ def export_student(data_dir: str | os.PathLike[str], artifacts: str | os.PathLik
     from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
     from lesionstack.folds import read_folds
     from lesionstack.metrics import pauc
-    from lesionstack.paths import ArtifactPaths, DataPaths
     from lesionstack.trained.loaders import load_student
 
     art, out = ArtifactPaths(artifacts), Path(out)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from lesionstack.config import check_fields
 from lesionstack.data import schema
 from lesionstack.data.metadata import read_metadata
 from lesionstack.files import atomic_path, read_json, write_json
@@ -27,6 +28,16 @@ log = logging.getLogger(__name__)
 # the code the tables are made of: a change to any of it rebuilds them (the stage's own bookkeeping, the
 # stacker and the score-shift measurement are not in it)
 FEATURE_CODE = tuple(Path(m.__file__) for m in (features, schema, pairing, outliers, drift))
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    """The `features` stage's one choice (`features --no-cnn`; `run` keeps the default)."""
+
+    use_cnn: bool = True  # join the CNN's scores when `oof_cnn.parquet` exists
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -56,10 +67,10 @@ class FeaturesResult:
         return "; ".join([*(f"{t}{note}" for t in self.tables), *drift])
 
 
-def features_stage(data: DataPaths, art: ArtifactPaths, use_cnn: bool = True) -> FeaturesResult:
+def features_stage(data: DataPaths, art: ArtifactPaths, cfg: FeaturesConfig) -> FeaturesResult:
     """The `features` stage: train (and test, when present) feature tables under the artifacts root.
 
-    CNN scores join when `use_cnn` and `oof_cnn.parquet` exists (test: `test_cnn.parquet`, whose per-fold
+    CNN scores join when `cfg.use_cnn` and `oof_cnn.parquet` exists (test: `test_cnn.parquet`, whose per-fold
     scores also give `features/test_folds.parquet`, the test CNN features of each fold model). Contract:
     recomputed on any change. `features/inputs.json` records digests of what the tables were built from
     (metadata values, CNN scores, the feature code `FEATURE_CODE`); when they all match and the tables exist, the
@@ -68,7 +79,7 @@ def features_stage(data: DataPaths, art: ArtifactPaths, use_cnn: bool = True) ->
     jobs = [("train", data.train_metadata, art.oof_cnn, art.features_train)]
     if data.test_metadata.is_file():
         jobs.append(("test", data.test_metadata, art.test_cnn, art.features_test))
-    with_cnn = use_cnn and art.oof_cnn.is_file()
+    with_cnn = cfg.use_cnn and art.oof_cnn.is_file()
     code = files_digest(FEATURE_CODE)
     inputs: dict[str, object] = {"with_cnn": with_cnn, "code": code}
     sources = []

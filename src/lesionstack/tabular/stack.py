@@ -33,7 +33,7 @@ from lesionstack.data.schema import ID_COLUMN, PATIENT_COLUMN, TARGET_COLUMN
 from lesionstack.files import atomic_path, read_json, write_json, write_text
 from lesionstack.folds import folds_digest, read_folds
 from lesionstack.metrics import pauc, roc_auc, top_n_sensitivity
-from lesionstack.paths import ArtifactPaths
+from lesionstack.paths import ArtifactPaths, TablePaths
 from lesionstack.resume import Resume, frame_digest, guard
 from lesionstack.tabular.blend import blend, fit_blend_weights
 from lesionstack.tabular.estimator import GBDTStacker, estimator, family_of, save_models
@@ -334,9 +334,10 @@ class StackResult:
         return "mean fold pAUC: " + ", ".join(parts)
 
 
-def stack_stage(art: ArtifactPaths, cfg: StackConfig) -> StackResult:
-    """The `train-stack` stage on `art.features_train`, `art.folds` (and `art.oof_cnn`): see `train_stack`."""
-    cv = train_stack(art.features_train, art.folds, art, cfg)
+def stack_stage(data: TablePaths, art: ArtifactPaths, cfg: StackConfig) -> StackResult:
+    """The `train-stack` stage on the feature table and fold file `data` (`art.tables`; the CNN's OOF scores
+    from `art.oof_cnn`): see `train_stack`."""
+    cv = train_stack(data.features, data.folds, art, cfg)
     models = cv["models"]
     return StackResult(art.cv_json, {n: m["pauc_mean"] for n, m in models.items()},
                        {n: m["pauc_oof"] for n, m in models.items()}, bool(cv.get("tuned_params")), format_cv(cv))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from lesionstack.data.schema import ID_COLUMN, TARGET_COLUMN
 from lesionstack.files import file_lock, read_json, write_json
 from lesionstack.folds import read_folds
 from lesionstack.metrics import optuna_objective_value, pauc
-from lesionstack.paths import ArtifactPaths
+from lesionstack.paths import ArtifactPaths, TablePaths
 from lesionstack.resume import Resume, guard
 from lesionstack.tabular.estimator import estimator
 from lesionstack.tabular.features import CNN_PREFIX
@@ -51,6 +51,18 @@ class TuneSettings:
     storage: str | None = None  # an Optuna RDB URL shared by workers; default SQLite at artifacts.study_db
     study_name: str | None = None  # default stack-MODEL
     seed: int = 0  # sampler seed (offset by the trials already stored)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    """The `tune` stage's config: the stack config whose features and fixed parameters it tunes, and the
+    study's settings (`run` takes them from its `stack` and `tune` sections)."""
+
+    stack: StackConfig = field(default_factory=StackConfig)
+    settings: TuneSettings = field(default_factory=TuneSettings)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -197,14 +209,15 @@ def _save_best(study: optuna.Study, model: str, artifacts: ArtifactPaths) -> dic
     return out
 
 
-def tune_stage(art: ArtifactPaths, cfg: StackConfig, settings: TuneSettings, *, rerun: bool = True) -> TuneResult:
-    """The `tune` stage on `art.features_train` and `art.folds`. With `rerun` false an existing
-    best_params.json is reused (after the resume guard checks features, folds and config); with `rerun`
-    (the `tune` command) each call adds `settings.n_trials` trials to the study."""
+def tune_stage(data: TablePaths, art: ArtifactPaths, cfg: TuneConfig, *, rerun: bool = True) -> TuneResult:
+    """The `tune` stage on the feature table and fold file `data` (`art.tables`). With `rerun` false an
+    existing best_params.json is reused (after the resume guard checks features, folds and config); with
+    `rerun` (the `tune` command) each call adds `cfg.settings.n_trials` trials to the study."""
     if not rerun and art.best_params.is_file():
-        folds = read_folds(art.folds)
-        if check_study(align_features(pd.read_parquet(art.features_train), folds), folds, art, cfg) is Resume.SKIP:
+        folds = read_folds(data.folds)
+        if check_study(align_features(pd.read_parquet(data.features), folds), folds, art, cfg.stack) is Resume.SKIP:
             return TuneResult.read(art.best_params, reused=True)
-    tune(art.features_train, art.folds, art, cfg, model=settings.model, n_trials=settings.n_trials,
-         timeout=settings.timeout, storage=settings.storage, study_name=settings.study_name, seed=settings.seed)
+    s = cfg.settings
+    tune(data.features, data.folds, art, cfg.stack, model=s.model, n_trials=s.n_trials, timeout=s.timeout,
+         storage=s.storage, study_name=s.study_name, seed=s.seed)
     return TuneResult.read(art.best_params)

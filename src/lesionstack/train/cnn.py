@@ -197,9 +197,9 @@ class CNNResult:
         return text + (f", OOF pAUC {self.oof_pauc:.4f}" if self.oof_pauc is not None else "")
 
 
-def cnn_stage(data: DataPaths, art: ArtifactPaths, cfg: CNNConfig, *, folds: Path | None = None,
+def cnn_stage(data: DataPaths, art: ArtifactPaths, cfg: CNNConfig, *,
               folds_only: Sequence[int] | None = None) -> CNNResult:
-    """The `train-cnn` stage on the fold file `folds` (default `art.folds`): see `train_cnn`."""
-    summary = train_cnn(data.root, folds or art.folds, cfg, art.root, folds_only=folds_only)
+    """The `train-cnn` stage on the fold file `data.fold_file(art)` (default `art.folds`): see `train_cnn`."""
+    summary = train_cnn(data.root, data.fold_file(art), cfg, art.root, folds_only=folds_only)
     per_fold = tuple(CNNFoldResult.of(int(k), m, summary, cfg.keep) for k, m in sorted(summary["folds"].items()))
     return CNNResult(per_fold, cfg.keep, summary.get("oof_pauc"), summary.get("oof_auc"))

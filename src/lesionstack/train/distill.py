@@ -333,10 +333,12 @@ class DistillResult:
         return "\n".join(lines)
 
 
-def distill_stage(data: DataPaths, art: ArtifactPaths, cfg: DistillConfig, *, name: str = "default",
+def distill_stage(data: DataPaths, art: ArtifactPaths, cfg: DistillConfig, *,
                   folds_only: Sequence[int] | None = None) -> DistillResult:
-    """The `distill` stage: student NAME on the run's fold file (`art.folds`); see `distill`."""
-    summary = distill(data.root, art.root, cfg, name=name, folds_only=folds_only)
+    """The `distill` stage: student `cfg.student` on the fold file `data.fold_file(art)` (default the run's
+    `art.folds`); see `distill`."""
+    name = cfg.student
+    summary = distill(data.root, art.root, cfg, name=name, folds_path=data.fold_file(art), folds_only=folds_only)
     folds = tuple(StudentFoldResult(int(k), m["best_epoch"], m["best_pauc"]) for k, m in summary["folds"].items())
     return DistillResult(name, folds, art.distill_dir(name), summary.get("oof_pauc"),
                          summary.get("fold_pauc_mean"), summary.get("fold_pauc_std"))

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from lesionstack.config import Invalid, PositiveFloat, Probability, check_fields, load_config
+from lesionstack.config import Invalid, PositiveFloat, Probability, check_fields, load_config, runtime
 from lesionstack.models import ModelConfig, check_model_names
 from lesionstack.train.cnn_config import CNNConfig
 
@@ -45,6 +45,13 @@ class DistillConfig(CNNConfig):
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     alpha: Probability = 0.5  # weight of the hard-label BCE; 1 trains on labels alone
     temperature: PositiveFloat = 2.0
+    # the student's folder ARTIFACTS/distill/NAME; null: the config file's stem (`default` without one). Where
+    # a student lies never changes what it learns, so a resume ignores it like the runtime keys.
+    name: str | None = runtime(None)
+
+    @property
+    def student(self) -> str:
+        return self.name or "default"
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lesionstack.config import config_to_dict, read_config_dict
+from lesionstack.config import check_fields, config_to_dict, read_config_dict
 from lesionstack.data.augment import PhoneConfig, degrade_crop
 from lesionstack.data.dataset import CropDataset
 from lesionstack.data.hdf5 import H5Images
@@ -123,10 +123,21 @@ class PhoneResult:
                 f"-> {self.path}")
 
 
-def phone_stage(data: DataPaths, art: ArtifactPaths, phone: PhoneConfig | None = None, *, model: str = "cnn",
-                seed: int = 0, progress: bool = True) -> PhoneResult:
+@dataclass(frozen=True)
+class PhoneEvalConfig:
+    """The `phone-eval` stage: which image model, and the seeded phone-like degradation of its crops."""
+
+    model: str = "cnn"  # "cnn" or the name of a distilled student (ARTIFACTS/distill/NAME)
+    seed: int = 0  # seed of the degraded copy (the same for every model)
+    phone: PhoneConfig = field(default_factory=PhoneConfig)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def phone_stage(data: DataPaths, art: ArtifactPaths, cfg: PhoneEvalConfig, *, progress: bool = True) -> PhoneResult:
     """The `phone-eval` stage: see `evaluate_phone`."""
-    r = evaluate_phone(data.root, art.root, model=model, phone=phone, seed=seed, progress=progress)
+    r = evaluate_phone(data.root, art.root, model=cfg.model, phone=cfg.phone, seed=cfg.seed, progress=progress)
     spreads = {kind: Spread(r[kind]["oof_pauc"], r[kind]["fold_pauc_mean"], r[kind]["fold_pauc_std"])
                for kind in ("clean", "degraded")}
-    return PhoneResult(model, spreads["clean"], spreads["degraded"], art.robustness_file(f"{model}.json"))
+    return PhoneResult(cfg.model, spreads["clean"], spreads["degraded"], art.robustness_file(f"{cfg.model}.json"))

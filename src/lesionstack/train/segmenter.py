@@ -50,7 +50,7 @@ from lesionstack.data.dataset import resize_mask, resize_square
 from lesionstack.data.decode import MAX_SOURCE_PIXELS
 from lesionstack.files import read_json, write_json, write_text
 from lesionstack.models.segmenter import DEFAULT_DECODER_CHANNELS, build_segmenter, save_segmenter
-from lesionstack.paths import ArtifactPaths
+from lesionstack.paths import ArtifactPaths, MaskPaths
 from lesionstack.resume import Resume, guard
 from lesionstack.runtime import adamw
 
@@ -356,9 +356,9 @@ def _fit(
     return epochs
 
 
-def segmenter_stage(masks_dir: str | os.PathLike[str], art: ArtifactPaths, cfg: SegConfig,
-                    progress: bool = True) -> SegmenterResult:
-    """The `train-seg` stage: train (or reuse, see `train_segmenter`) the segmenter under `art.segmenter`."""
-    m = train_segmenter(masks_dir, art.root, cfg, progress=progress)
+def segmenter_stage(data: MaskPaths, art: ArtifactPaths, cfg: SegConfig, *, progress: bool = True) -> SegmenterResult:
+    """The `train-seg` stage on the masks folder `data`: train (or reuse, see `train_segmenter`) the segmenter
+    under `art.segmenter`."""
+    m = train_segmenter(data.root, art.root, cfg, progress=progress)
     return SegmenterResult(art.segmenter.weights, cfg.encoder, tuple(cfg.decoder_channels), m["dice"], m["iou"],
                            m["best_epoch"], len(m["epochs"]), m["n_train"], m["n_val"], m["seconds"])
