@@ -96,7 +96,14 @@ def test_unpaired_or_mismatched_folds_are_refused(paired: tuple, tmp_path: Path)
         predict_stack(test, other, fold_cnn=fold_cnn)
     assert classify(err.value).code == 9  # the command line's stack error, with its hint
     other.cnn_fold(1).inputs.unlink()  # a CNN fold without its record
-    with pytest.raises(PairingError, match=r"cnn/fold_1/inputs.json: no fold-file record"):
+    with pytest.raises(PairingError, match=r"cnn/fold_1/inputs.json: no fold-file record") as err:
+        predict_stack(test, other, fold_cnn=fold_cnn)
+    # the hint names commands a user can run, not a keyword no command takes
+    assert f"`lesionstack train-cnn DATA --artifacts {other.root} --folds-only 1`" in str(err.value)
+    assert f"`lesionstack train-stack --artifacts {other.root}`" in str(err.value) and "pairing=" not in str(err.value)
+    other.stack_fold(0).inputs.unlink()  # a stack fold without its record: retrain the stacker alone
+    with pytest.raises(PairingError, match=r"stack/fold_0/inputs.json: no fold-file record.* delete "
+                                           r".*stack and run `lesionstack train-stack --artifacts "):
         predict_stack(test, other, fold_cnn=fold_cnn)
 
 

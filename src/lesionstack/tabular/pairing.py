@@ -11,8 +11,9 @@ Pairing needs the stacker's folds to be the CNN's (one fold file): CNN fold k mu
 without the rows of stack fold k. `check_fold_pairing` compares the fold-file digests both recorded
 (`stack/fold_k/inputs.json`, `cnn/fold_k/inputs.json`) and REFUSES a mismatch or a missing record, rather
 than falling back to the mean: a silent fallback is the very scale shift pairing removes. Retrain the
-stacker on the CNN's fold file (`train-stack` already refuses CNN OOF scores of other folds), or ask
-for the mean explicitly (`pairing="mean"`, used here to measure the before state).
+stacker on the CNN's fold file (`train-stack` already refuses CNN OOF scores of other folds). From Python,
+`stack_predict.predict_stack(..., pairing="mean")` asks for the mean explicitly, to measure the before state
+(`tabular.score_shift`); no command offers it.
 """
 
 from __future__ import annotations
@@ -83,6 +84,18 @@ def _recorded_folds(path: Any) -> str | None:
     return read_json(path).get("folds") if path.is_file() else None
 
 
+def _retrain_hint(artifacts: ArtifactPaths, k: int, stack: bool) -> str:
+    """The commands that make the missing record: the stage retrained on this root's fold file (the mean
+    CNN score is no fallback a command offers: it is the scale shift pairing removes)."""
+    root = artifacts.root
+    if stack:
+        return (f"Retrain the stacker so it records it: delete {artifacts.stack_dir} and run "
+                f"`lesionstack train-stack --artifacts {root}`")
+    return (f"Retrain CNN fold {k} so it records it: delete {artifacts.cnn_fold(k).dir} and run `lesionstack "
+            f"train-cnn DATA --artifacts {root} --folds-only {k}`, then `lesionstack features DATA --artifacts "
+            f"{root}` and, after deleting {artifacts.stack_dir}, `lesionstack train-stack --artifacts {root}`")
+
+
 def check_fold_pairing(artifacts: ArtifactPaths, n_folds: int) -> None:
     """Refuse pairing unless stack fold k and CNN fold k were made from the same fold file, for every k
     (digests recorded in `stack/fold_k/inputs.json` and `cnn/fold_k/inputs.json`)."""
@@ -93,9 +106,7 @@ def check_fold_pairing(artifacts: ArtifactPaths, n_folds: int) -> None:
             lacking = stack_file if stack is None else cnn_file
             raise PairingError(
                 f"{lacking}: no fold-file record, so stack fold {k} cannot be paired with CNN fold {k}'s test "
-                "scores (pairing needs both trained on one fold file). Retrain that stage here, or predict "
-                "with pairing='mean' (every stack fold sees the mean CNN score: test features then have a "
-                "narrower spread than training's)")
+                f"scores (pairing needs both trained on one fold file). {_retrain_hint(artifacts, k, stack is None)}")
         if stack != cnn:
             raise PairingError(
                 f"stack fold {k} ({stack_file}: folds {stack[:12]}...) and CNN fold {k} ({cnn_file}: folds "
