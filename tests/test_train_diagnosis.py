@@ -110,6 +110,34 @@ def _bundle_predictor_gives_class_probabilities(out: Path, ham: Path, rows: pd.D
     assert table["probability"].isna().all()  # no malignancy CNN in a diagnosis-only bundle
 
 
+def test_score_and_serve_feed_each_model_its_own_input_size(ham, tiny_bundle, tmp_path):
+    """A bundle with a 32-px CNN and a 48-px diagnosis model: `score` and `serve` decode each model's input
+    at its own training size, as its training crops were, not the diagnosis model from the CNN's 32-px input."""
+    import shutil
+
+    from lesionstack.inference.serve import Analyser
+    from lesionstack.inference.upload import decode_upload
+
+    out = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, out)
+    stage.train_diagnosis(ham, DiagnosisConfig(**{**TINY, "image_size": 48,
+                                                  "model": ModelConfig(classifier="resnet10t", gate="none")}), out)
+    bundle, alone = Predictor.load(out, device="cpu", progress=False), DiagnosisPredictor.load(out, device="cpu")
+    assert (bundle.input_size, alone.image_size) == (32, 48)
+    files = sorted(ham.rglob("*.jpg"))[:4]
+    own = alone.predict_proba([read_image_file(f, 48) for f in files])
+    via_cnn_input = alone.predict_proba([read_image_file(f, 32) for f in files])  # what they were fed before
+    assert np.abs(own - via_cnn_input).max() > 1e-4  # far above the 1e-6 below: the test tells the two apart
+    table = bundle.score_files(files)
+    assert np.allclose(table[[f"prob_{c}" for c in alone.classes]].to_numpy(dtype=float), own, atol=1e-6)
+    cnn = bundle.score_crops([read_image_file(f, 32) for f in files])  # the CNN keeps its own 32-px input
+    assert np.allclose(table["probability"].to_numpy(), cnn, atol=1e-6)
+    answer = Analyser(bundle).analyse(decode_upload(files[0].read_bytes()), {})  # serve: the same file uploaded
+    served = {d["name"]: d["probability"] for d in answer["diagnosis"]}
+    assert np.allclose([served[c] for c in alone.classes], own[0], atol=1e-6)
+    assert np.isclose(answer["probability"], cnn[0], atol=1e-6)
+
+
 def test_a_killed_fold_resumes_from_its_checkpoint(ham, tmp_path, monkeypatch, caplog):
     cfg = DiagnosisConfig(**{**TINY, "model": ModelConfig(classifier="resnet10t", gate="none")})
     keep = stage._keep

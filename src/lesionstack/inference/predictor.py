@@ -86,6 +86,17 @@ class Predictor(FoldScorer):
     def diagnosis_classes(self) -> tuple[str, ...]:
         return tuple(self.diagnosis.classes) if self.diagnosis is not None else ()
 
+    def diagnosis_input(self, data: bytes, model_input: np.ndarray, where: str = "image",
+                        path: str | os.PathLike[str] | None = None,
+                        max_pixels: int = MAX_DECODED_PIXELS) -> np.ndarray:
+        """The diagnosis model's own input from the image bytes `data`: decoded at the size it was trained at,
+        as its training crops were (`decode_input`), never the CNN's input resized once more. `model_input`
+        (`decode` of the same bytes) when the sizes agree, or when the bundle has no diagnosis model."""
+        size = self.diagnosis.image_size if self.diagnosis is not None else None
+        if size is None or model_input.shape[0] == size:
+            return model_input
+        return decode_input(data, size, max_pixels=max_pixels, where=where, path=path)
+
     def diagnose(self, crops: Sequence[np.ndarray]) -> np.ndarray:
         """(B, K) class probabilities from the bundle's diagnosis stage (`diagnosis_classes` order)."""
         if self.diagnosis is None:
@@ -117,16 +128,20 @@ class Predictor(FoldScorer):
         step = self.rt.settings.eval_batch_size
         for start in self.rt.bar(range(0, len(paths), step), "score files", unit="batch"):
             read: dict[int, np.ndarray] = {}
+            own: dict[int, np.ndarray] = {}  # the diagnosis model's input, at its own size
             for i in range(start, min(start + step, len(paths))):
                 try:
-                    read[i] = self.decode(Path(paths[i]).read_bytes(), Path(paths[i]).name, paths[i])
+                    data, name = Path(paths[i]).read_bytes(), Path(paths[i]).name
+                    read[i] = self.decode(data, name, paths[i])
+                    own[i] = self.diagnosis_input(data, read[i], name, paths[i])
                 except (OSError, ValueError) as err:  # CorruptImageError and PIL's errors included
+                    read.pop(i, None)
                     error[i] = f"{type(err).__name__}: {err}"
                     log.warning("%s not scored (NaN): %s", paths[i], error[i])
             if read and self._folds:
                 prob[list(read)] = self.score_crops(list(read.values()))
             if read and classes is not None:
-                classes[list(read)] = self.diagnose(list(read.values()))
+                classes[list(own)] = self.diagnose(list(own.values()))
         table = pd.DataFrame({"path": paths, "probability": prob, "error": error})
         if classes is not None:  # one prob_<class> column per diagnosis class, before the error column
             for j, name in enumerate(self.diagnosis_classes):

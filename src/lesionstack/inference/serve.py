@@ -204,7 +204,7 @@ class Analyser:
                 probability = float(p.score_crops([crop])[0])
                 masks = p.masks([crop])
                 cam, cam_note = gradcam(p.models, p.preprocess([crop]))
-                diagnosis = self._diagnose(crop)
+                diagnosis = self._diagnose(image, crop)
         photo = display_copy(image.rgb)
         rank = None if self.reference is None else _finite(self.reference.rank(probability))
         return {
@@ -224,13 +224,15 @@ class Analyser:
             "notice": NOTICE,
         }
 
-    def _diagnose(self, crop: np.ndarray) -> list[dict[str, Any]] | None:
-        """Class probabilities, most likely first, when the bundle has a diagnosis model."""
+    def _diagnose(self, image: DecodedImage, crop: np.ndarray) -> list[dict[str, Any]] | None:
+        """Class probabilities, most likely first, when the bundle has a diagnosis model (fed the upload
+        decoded at its own input size, not the CNN's `crop`)."""
         if not self.has_diagnosis:
             return None
         p = self.predictor
         assert p is not None
-        probs = np.asarray(p.diagnose([crop]))[0]
+        own = p.diagnosis_input(image.data, crop, "upload", max_pixels=self.limits.max_pixels)
+        probs = np.asarray(p.diagnose([own]))[0]
         pairs = sorted(zip(p.diagnosis_classes, probs.tolist()), key=lambda kv: -kv[1])
         return [{"name": str(name), "probability": float(prob)} for name, prob in pairs]
 
