@@ -45,6 +45,17 @@ def test_real_configs_spend_the_fold_on_training(path: Path) -> None:
     assert cfg.keep == "last" and cfg.model.classifier_weights and cfg.untrained_segmenter != "allow"
 
 
+def test_the_real_data_student_gets_the_cnns_budget_of_steps() -> None:
+    """configs/distill/default.yaml trains through the CNN's loop on the same real folds: the same bar."""
+    from lesionstack.train.distill_config import load_distill_config
+
+    cfg = load_distill_config(REPO / "configs" / "distill" / "default.yaml")
+    steps = REAL_TRAIN_POSITIVES * (1 + cfg.neg_per_pos) / cfg.batch_size
+    scored = math.ceil(cfg.epochs / cfg.val_every) * (cfg.val_max_negatives + REAL_TRAIN_POSITIVES / 4)
+    assert steps >= 1000, f"{steps:.0f} optimiser steps per epoch"
+    assert scored < 0.2 * steps * cfg.batch_size * cfg.epochs and cfg.keep == "last"
+
+
 def test_validation_subsample_keeps_every_positive_and_the_same_draw() -> None:
     val = pd.DataFrame({"isic_id": [f"I{i}" for i in range(100)], "target": [int(i % 10 == 0) for i in range(100)]},
                        index=range(500, 600))
