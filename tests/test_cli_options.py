@@ -163,3 +163,32 @@ def test_a_held_lock_refuses_the_commands_that_skipped_it(tmp_path: Path) -> Non
             with pytest.raises(SystemExit) as stopped:
                 main(argv)
             assert stopped.value.code == 13, argv
+
+
+def test_distill_and_phone_eval_hand_their_stage_one_config(tmp_path: Path, monkeypatch) -> None:
+    """The student's name (--name, else the config's `name`, else the config file's stem) and phone-eval's
+    model and seed reach the stage inside its one config (the stage contract: data, artifacts, config)."""
+    from lesionstack import preflight
+    from lesionstack.cli import main
+    from lesionstack.train import distill, robustness
+
+    art, data = tmp_path / "art", tmp_path / "data"
+    art.mkdir()
+    data.mkdir()
+    (art / "folds.csv").write_text("isic_id,patient_id,target,fold\n")
+    seen: list[object] = []
+    monkeypatch.setattr(preflight, "check_data", lambda *a, **k: None)  # what is checked here is the hand-off
+    monkeypatch.setattr(distill, "distill_stage", lambda d, a, cfg, **k: seen.append(cfg.student) or "done")
+    monkeypatch.setattr(robustness, "phone_stage", lambda d, a, cfg, **k: seen.append(cfg) or "done")
+    named = tmp_path / "named.yaml"
+    named.write_text(f"base: {REPO / 'configs' / 'distill' / 'demo.yaml'}\nname: from_yaml\n")
+    for extra in (["--config", str(REPO / "configs" / "distill" / "demo_phone.yaml")],
+                  ["--config", str(REPO / "configs" / "distill" / "demo_phone.yaml"), "--name", "mine"],
+                  ["--config", str(named)], []):
+        with pytest.raises(SystemExit) as done:
+            main(["distill", str(data), "-a", str(art), *extra])
+        assert done.value.code == 0, extra
+    with pytest.raises(SystemExit):
+        main(["phone-eval", str(data), "-a", str(art), "--model", "demo", "--seed", "3"])
+    assert seen[:4] == ["demo_phone", "mine", "from_yaml", "default"]
+    assert (seen[4].model, seen[4].seed) == ("demo", 3)  # type: ignore[attr-defined]
