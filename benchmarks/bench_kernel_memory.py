@@ -7,7 +7,8 @@ scalar per isic_id), made cheaply from `--distinct` JPEGs of the real crops' siz
 square, median about 131 px) repeated under N different isic_ids, then scores it in a fresh process with a
 small bundle (one fold of timm's `test_resnet` at 32 px, random-init weights: scoring cost does not depend
 on the weights; the fold config's loader settings, `num_workers` 1) through `Predictor.stream_hdf5`,
-writing each batch's rows to a CSV as they come (nothing per crop is kept). It prints, per N: the peak RSS
+writing each batch's rows to a CSV as they come (nothing per crop is kept; the ids are one numpy array of
+bytes, `list_ids`). It prints, per N: the peak RSS
 of the scoring process and of its DataLoader worker, crops/s of decode + resize alone (one core, the first
 20,000 crops) and end to end (read, decode, resize, model, CSV). Peak RSS at the two counts should agree
 within 10%: anything held per crop shows up as the difference.
@@ -106,27 +107,28 @@ def score(work: Path, n: int) -> dict:
     """The child process: stream-score WORK/crops_N into a CSV; the figures as a dict."""
     import torch
 
-    from lesionstack.data.dataset import CropDataset
+    from lesionstack.data.dataset import ScoringCrops
     from lesionstack.data.decode import jpeg_decoder
-    from lesionstack.data.hdf5 import H5Images
+    from lesionstack.data.hdf5 import list_ids, locate_crops
     from lesionstack.inference.predictor import Predictor
 
     torch.set_num_threads(1)
     h5 = work / f"crops_{n}" / "test-image.hdf5"
-    ids = H5Images(h5).ids
+    ids = list_ids(h5)  # fixed-width bytes: no Python object per crop in this process either
     p = Predictor.load(work / "bundle", device="cpu", progress=False)
-    sample = CropDataset(h5, ids[:20_000], None, p.image_size)
+    sample = ScoringCrops(locate_crops(h5, ids[:20_000]), p.image_size)  # the scoring pass's read + decode
     start = time.perf_counter()
     for i in range(len(sample)):
         sample[i]
     decode_rate = len(sample) / (time.perf_counter() - start)
+    sample.crops.close()
     del sample
     out = work / f"crops_{n}" / "scores.csv"
     start, written = time.perf_counter(), 0
     with open(out, "w") as fh:
         fh.write("isic_id,target\n")
         for index, scores in p.stream_hdf5(h5, ids):
-            fh.writelines(f"{ids[i]},{s:.8g}\n" for i, s in zip(index, scores.mean(axis=1), strict=True))
+            fh.writelines(f"{ids[i].decode()},{s:.8g}\n" for i, s in zip(index, scores.mean(axis=1), strict=True))
             written += len(index)
     seconds = time.perf_counter() - start
     main, worker = peak_rss_mb()

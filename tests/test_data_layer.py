@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -11,8 +12,10 @@ import numpy as np
 import pandas as pd
 import pytest
 import simplejpeg
+import torch
 
-from lesionstack.data.hdf5 import CorruptImageError, H5Images, decode_jpeg
+from lesionstack.data.dataset import CropDataset, ScoringCrops
+from lesionstack.data.hdf5 import CorruptImageError, H5Images, decode_jpeg, list_ids, locate_crops
 from lesionstack.data.metadata import MetadataError, check_images_cover, id_mismatch, read_metadata
 from lesionstack.data.schema import NUMERIC_TEST_COLUMNS, TEST_COLUMNS, TRAIN_COLUMNS
 
@@ -209,3 +212,48 @@ def test_id_mismatch_names_each_kind_with_examples():
         "1 unexpected (e.g. ['x'])"
     five = id_mismatch([f"ISIC_{i}" for i in range(5)], [])
     assert five == "5 unexpected (e.g. ['ISIC_0', 'ISIC_1', 'ISIC_2'])"  # three examples, not the whole list
+
+
+def test_crop_ranges_read_what_h5py_returns_and_hold_only_arrays(tmp_path, public_test_dir):
+    """A scoring pass's reader (`list_ids` + `locate_crops`): the same bytes as h5py for every layout, the ids
+    and byte ranges as numpy arrays, picklable without its handles, and a clear error for absent ids."""
+    real = public_test_dir / "test-image.hdf5"
+    ids = list_ids(real)
+    assert ids.dtype.kind == "S" and ids.astype(str).tolist() == sorted(H5Images(real).ids)
+    path = tmp_path / "mixed.hdf5"
+    jpeg = simplejpeg.encode_jpeg(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    with h5py.File(path, "w") as h5:
+        h5["contiguous"] = np.bytes_(jpeg)
+        h5.create_dataset("chunked", data=np.frombuffer(jpeg, np.uint8), chunks=True, compression="gzip")
+        h5.create_dataset("padded", data=np.array(jpeg + b"\0\0\0", dtype=f"S{len(jpeg) + 3}"))
+    crops = locate_crops(path, ["padded", "chunked", "contiguous", "padded"])  # any order, repeats allowed
+    assert crops.offsets.dtype == np.int64 and crops.ids.dtype.kind == "S"
+    assert crops.offsets[1] == -1 and (crops.offsets[[0, 2, 3]] > 0).all()  # chunked: read through h5py
+    assert [crops.read_bytes(i) for i in range(4)] == [jpeg] * 4 and crops.id(1) == "chunked"
+    clone = pickle.loads(pickle.dumps(crops))  # as a DataLoader worker receives it: no handle travels
+    assert clone._fd is None and clone._h5 is None and clone.read_bytes(1) == jpeg and clone.read_bytes(0) == jpeg
+    crops.close()
+    clone.close()
+    with pytest.raises(KeyError, match=r"mixed.hdf5: no crop for 2 id\(s\), e.g. \['ISIC_1', 'ISIC_2'\]"):
+        locate_crops(path, np.array([b"contiguous", b"ISIC_1", b"ISIC_2"]))
+    with pytest.raises(FileNotFoundError, match="absent.hdf5: image file not found"):
+        list_ids(tmp_path / "absent.hdf5")
+
+
+def test_a_scoring_pass_decodes_each_crop_as_the_training_reader_does(tmp_path, public_test_dir):
+    """`ScoringCrops` (byte ranges) gives the same model input as `CropDataset` (H5Images), and a crop it
+    cannot decode or read becomes a skipped item with the reason, never an exception."""
+    real = public_test_dir / "test-image.hdf5"
+    ids = list_ids(real)
+    scoring, training = ScoringCrops(locate_crops(real, ids), 64), CropDataset(real, ids.astype(str).tolist(), None, 64)
+    for i in range(len(ids)):
+        assert scoring[i][1:] == (0.0, i, None) and torch.equal(scoring[i][0], training[i][0])
+    path = tmp_path / "bad.hdf5"
+    with h5py.File(path, "w") as h5:
+        h5["ISIC_0000001"] = np.bytes_(b"not a jpeg at all")
+        h5["ISIC_0000002"] = np.bytes_(b"\xff\xd8 gone")
+    bad = ScoringCrops(locate_crops(path, ["ISIC_0000001", "ISIC_0000002"]), 64)
+    assert bad[0][0] is None and "not a decodable" in bad[0][3]
+    os.close(bad.crops._fd)  # an I/O error on the read (EBADF here; EIO on a failing disk)
+    assert bad[1][0] is None and bad[1][3].startswith("unreadable (")
+    bad.crops._pid = None  # its handle is gone: nothing left to close

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from helpers import make_cnn_data, tiny_cnn_config
-from lesionstack.data.dataset import CropDataset
+from lesionstack.data.dataset import CropDataset, ScoringCrops
+from lesionstack.data.hdf5 import list_ids, locate_crops
 from lesionstack.folds import read_folds
 from lesionstack.inference.predictor import Predictor, PredictorError
 from lesionstack.paths import ArtifactPaths
@@ -89,8 +90,8 @@ def test_each_crop_is_decoded_once_for_all_folds(trained: tuple[Path, Path, CNNC
     _, out, _ = trained
     root = trained[0]
     calls: list[int] = []
-    real = CropDataset.load
-    monkeypatch.setattr(CropDataset, "load", lambda self, i: calls.append(i) or real(self, i))
+    real = ScoringCrops.__getitem__
+    monkeypatch.setattr(ScoringCrops, "__getitem__", lambda self, i: calls.append(i) or real(self, i))
     p = Predictor.load(out, device="cpu", progress=False)
     assert p.folds == [0, 1] and len(p.models) == 2 and p.device == CPU and p.image_size == 32
     p.score_hdf5(root / "test-image.hdf5")
@@ -156,3 +157,32 @@ def test_folds_must_be_finished_and_consistent(trained: tuple[Path, Path, CNNCon
     assert empty.folds == [] and not empty.has_stacker
     with pytest.raises(PredictorError, match="no trained CNN fold models"):
         empty.score_crops([np.zeros((8, 8, 3), np.uint8)])
+
+
+def test_streaming_by_byte_range_scores_as_the_crop_dataset_does(trained: tuple[Path, Path, CNNConfig],
+                                                                  tmp_path: Path) -> None:
+    """`stream_hdf5` (byte ranges, ids as a numpy array; h5py for a crop stored chunked and compressed) gives
+    bit-identical scores to batches of `CropDataset` items (the reader scoring used before), in the same order."""
+    root, out, cfg = trained
+    mixed = tmp_path / "test-image.hdf5"
+    with h5py.File(root / "test-image.hdf5", "r") as src, h5py.File(mixed, "w") as dst:
+        for n, isic_id in enumerate(src):
+            data = bytes(src[isic_id][()])
+            if n == 1:
+                dst.create_dataset(isic_id, data=np.frombuffer(data, np.uint8), chunks=True, compression="gzip")
+            else:
+                dst[isic_id] = np.bytes_(data)
+    p = Predictor.load(out, device="cpu", progress=False)
+    ids = list_ids(mixed)
+    assert locate_crops(mixed, ids).offsets[1] == -1  # the fallback is exercised
+    streamed = list(p.stream_hdf5(mixed, ids))
+    dataset = CropDataset(root / "test-image.hdf5", ids.astype(str).tolist(), None, cfg.image_size)
+    step = p.rt.settings.eval_batch_size
+    expected = [p._score_batch(p._ready(torch.stack([dataset[i][0] for i in range(s, min(s + step, len(ids)))])))
+                for s in range(0, len(ids), step)]
+    assert [index.tolist() for index, _ in streamed] == [list(range(s, min(s + step, len(ids))))
+                                                         for s in range(0, len(ids), step)]
+    np.testing.assert_array_equal(np.concatenate([s for _, s in streamed]), np.concatenate(expected))
+    table = p.score_hdf5(mixed, per_fold=True)
+    assert table["isic_id"].tolist() == ids.astype(str).tolist()
+    np.testing.assert_array_equal(table["score_fold_0"], np.concatenate(expected)[:, 0])

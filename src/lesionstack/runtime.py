@@ -22,7 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as torch_dist
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from lesionstack.config import ConfigError
@@ -212,7 +212,7 @@ def load_optimiser_state(opt: torch.optim.Optimizer, state: dict[str, Any]) -> N
                     opt.state[p][key] = torch.empty_like(p).copy_(value)
 
 
-def make_loader(dataset: CropDataset, rt: Runtime, *, sampler: Any, batch_size: int,
+def make_loader(dataset: Dataset, rt: Runtime, *, sampler: Any, batch_size: int,
                 drop_last: bool = False) -> DataLoader:
     workers = rt.settings.num_workers
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,

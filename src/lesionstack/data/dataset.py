@@ -20,7 +20,7 @@ from torch.utils.data import Dataset, Sampler
 
 from lesionstack.data.augment import AugmentConfig, PhoneConfig, degrade_crop
 from lesionstack.data.decode import decode_input, resize_square, shrink
-from lesionstack.data.hdf5 import CorruptImageError, H5Images
+from lesionstack.data.hdf5 import CorruptImageError, CropRanges, H5Images
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,29 @@ class CropDataset(Dataset[Item]):
             return None, float(self.labels[index]), index, reason
         image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
         return image, float(self.labels[index]), index, None
+
+
+class ScoringCrops(Dataset[Item]):
+    """The crops of a single scoring pass, read by byte range (`CropRanges`), as `CropDataset.load` makes
+    them; an item is `(image, 0.0, index, error)`. An unreadable crop (an I/O error) is a skipped item like
+    an undecodable one: scoring never stops on one crop. Holds no Python object per crop, so a loader
+    worker forked from a process scoring 500,000 crops copies nothing per crop."""
+
+    def __init__(self, crops: CropRanges, image_size: int) -> None:
+        self.crops, self.image_size = crops, int(image_size)
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, index: int) -> Item:
+        try:
+            array = decode_input(self.crops.read_bytes(index), self.image_size, where=self.crops.id(index),
+                                 path=self.crops.path)
+        except CorruptImageError as err:
+            return None, 0.0, index, str(err).split(": ", 1)[-1]  # the prefix names the crop; re-added later
+        except OSError as err:
+            return None, 0.0, index, f"unreadable ({err})"
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), 0.0, index, None
 
 
 class PhoneCropDataset(CropDataset):

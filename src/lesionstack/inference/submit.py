@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from lesionstack.data.hdf5 import H5Images
+from lesionstack.data.hdf5 import list_ids
 from lesionstack.data.metadata import check_images_cover, id_mismatch, read_metadata
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.files import atomic_path
@@ -86,10 +86,12 @@ def predict(data_dir: str | os.PathLike[str], artifacts_dir: str | os.PathLike[s
     predictor = Predictor.load(art.root, device=device, progress=progress)
     cnn_scores, summary = None, f"predict: {len(ids)} test rows"
     if predictor.stacker_uses_cnn:
-        images = H5Images(data.test_images)
-        check_images_cover(meta, set(images.ids), data.test_metadata, images.path)
+        # the file's keys as a set only for this check, and no HDF5 handle left open (with its key index)
+        # while the loader workers are forked
+        check_images_cover(meta, set(list_ids(data.test_images).astype(str).tolist()), data.test_metadata,
+                           data.test_images)
         start = time.perf_counter()
-        cnn_scores = predictor.score_hdf5(images.path, ids, per_fold=True)  # stack fold k pairs with CNN fold k
+        cnn_scores = predictor.score_hdf5(data.test_images, ids, per_fold=True)  # stack fold k pairs with CNN fold k
         rate = len(ids) / max(time.perf_counter() - start, 1e-9)
         failed = int(cnn_scores["score"].isna().sum())
         print(f"CNN scored {len(ids)} test crops with {len(predictor.folds)} fold models: {rate:.0f} crops/s")

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from lesionstack.config import read_config_dict
-from lesionstack.data.dataset import CropDataset, Item, resize_square, shard
-from lesionstack.data.hdf5 import H5Images, release_freed_memory
+from lesionstack.data.dataset import ScoringCrops, resize_square, shard
+from lesionstack.data.hdf5 import list_ids, locate_crops
 from lesionstack.data.schema import ID_COLUMN
 from lesionstack.models import GatedClassifier, SeedEnsemble, ensemble_members
 from lesionstack.paths import ArtifactPaths
@@ -46,21 +46,8 @@ class PredictorError(ValueError):
     """An artifacts folder that cannot be scored with (unfinished folds, inconsistent fold configs)."""
 
 
-
-
-
 def fold_score_column(fold: int) -> str:
     return f"{FOLD_SCORE_PREFIX}{fold}"
-
-
-class _TolerantCrops(CropDataset):
-    """CropDataset that also turns an unreadable crop (an I/O error) into a skipped item, not a stop."""
-
-    def __getitem__(self, index: int) -> Item:
-        try:
-            return super().__getitem__(index)
-        except OSError as err:
-            return None, float(self.labels[index]), index, f"unreadable ({err})"
 
 
 @dataclasses.dataclass
@@ -166,7 +153,7 @@ class FoldScorer:
         is decoded once (in DataLoader workers) and scored by every fold model; a crop that cannot be
         read or decoded gets NaN and a warning naming it. `per_fold` adds one `score_fold_<k>` column per
         fold model (`score` is their mean): the stacker's fold k is paired with CNN fold k's score."""
-        ids = list(H5Images(path).ids) if ids is None else [str(i) for i in ids]
+        ids = list_ids(path).astype(str).tolist() if ids is None else [str(i) for i in ids]
         found_idx, found_scores = [], []
         for index, scores in self.stream_hdf5(path, ids):
             found_idx.append(index)
@@ -179,27 +166,25 @@ class FoldScorer:
         return table
 
     @torch.no_grad()
-    def stream_hdf5(self, path: str | os.PathLike[str], ids: Sequence[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def stream_hdf5(self, path: str | os.PathLike[str],
+                    ids: Sequence[str] | np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(indices into `ids`, (B, n_folds) scores) batch by batch, as the crops are decoded and scored
         (this rank's shard under DDP): a caller that writes each batch out holds nothing per crop. A crop
-        that cannot be read or decoded is left out, with a warning naming it."""
+        that cannot be read or decoded is left out, with a warning naming it. `ids` may be a numpy array of
+        bytes (`list_ids`): held as one here, with each crop's byte range, and nothing else per crop."""
         size = self._need_cnn()
-        images = H5Images(path, cache_locations=False)  # one pass: nothing kept per crop
-        missing = [i for i in ids if i not in images]  # no set of every key (500,000 strings) held meanwhile
-        images.close()  # and none of the HDF5 index those lookups cached: the loader reopens the file
-        release_freed_memory()
-        if missing:
-            raise KeyError(f"{images.path}: no crop for {len(missing)} id(s), e.g. {missing[:3]}")
-        dataset = _TolerantCrops(images, ids, None, size)
-        mine = shard(range(len(ids)), self.rt.ctx.rank, self.rt.ctx.world_size, pad=False)  # all: one process
-        loader = make_loader(dataset, self.rt, sampler=mine, batch_size=self.rt.settings.eval_batch_size)
-        for batch in self.rt.bar(loader, f"score {images.path.name}", unit="batch"):
-            for index, reason in batch.corrupt:
-                log.warning("crop '%s' in %s not scored (NaN): %s", ids[index], images.path, reason)
-            if len(batch.index):
-                yield batch.index.numpy(), self._score_batch(self._ready(batch.images))
-
-
+        crops = locate_crops(path, ids)  # one pass; HDF5's key index closed and released before the fork
+        mine = shard(range(len(crops)), self.rt.ctx.rank, self.rt.ctx.world_size, pad=False)  # all: one process
+        loader = make_loader(ScoringCrops(crops, size), self.rt, sampler=mine,
+                             batch_size=self.rt.settings.eval_batch_size)
+        try:
+            for batch in self.rt.bar(loader, f"score {crops.path.name}", unit="batch"):
+                for index, reason in batch.corrupt:
+                    log.warning("crop '%s' in %s not scored (NaN): %s", crops.id(index), crops.path, reason)
+                if len(batch.index):
+                    yield batch.index.numpy(), self._score_batch(self._ready(batch.images))
+        finally:
+            crops.close()  # the handles this process opened (num_workers 0), also when the caller stops early
     # ---- internals ----------------------------------------------------------------------------------
 
     def _need_cnn(self) -> int:
