@@ -173,18 +173,23 @@ def test_not_an_hdf5_file(tmp_path):
         _ = H5Images(path).ids
 
 
+def mixed_layouts(path: Path) -> tuple[Path, bytes]:
+    """One JPEG stored three ways: contiguous (the competition's), chunked + compressed, NUL-padded."""
+    jpeg = simplejpeg.encode_jpeg(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
+    with h5py.File(path, "w") as h5:
+        h5["contiguous"] = np.bytes_(jpeg)
+        h5.create_dataset("chunked", data=np.frombuffer(jpeg, np.uint8), chunks=True, compression="gzip")
+        h5.create_dataset("padded", data=np.array(jpeg + b"\0\0\0", dtype=f"S{len(jpeg) + 3}"))
+    return path, jpeg
+
+
 def test_fast_path_returns_exactly_what_h5py_returns(tmp_path, public_test_dir):
     """The pread fast path and h5py's own read agree, for the real file and for layouts it must skip."""
     real = H5Images(public_test_dir / "test-image.hdf5")
     with h5py.File(real.path, "r") as h5:
         for key in h5:
             assert real.read_bytes(key) == bytes(h5[key][()])
-    path = tmp_path / "mixed.hdf5"
-    jpeg = simplejpeg.encode_jpeg(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
-    with h5py.File(path, "w") as h5:
-        h5["contiguous"] = np.bytes_(jpeg)
-        h5.create_dataset("chunked", data=np.frombuffer(jpeg, np.uint8), chunks=True, compression="gzip")
-        h5.create_dataset("padded", data=np.array(jpeg + b"\0\0\0", dtype=f"S{len(jpeg) + 3}"))
+    path, jpeg = mixed_layouts(tmp_path / "mixed.hdf5")
     images = H5Images(path)
     for key in ("contiguous", "chunked", "padded"):
         assert images.read_bytes(key) == jpeg, key
@@ -220,12 +225,7 @@ def test_crop_ranges_read_what_h5py_returns_and_hold_only_arrays(tmp_path, publi
     real = public_test_dir / "test-image.hdf5"
     ids = list_ids(real)
     assert ids.dtype.kind == "S" and ids.astype(str).tolist() == sorted(H5Images(real).ids)
-    path = tmp_path / "mixed.hdf5"
-    jpeg = simplejpeg.encode_jpeg(np.random.default_rng(0).integers(0, 255, (80, 80, 3), dtype=np.uint8))
-    with h5py.File(path, "w") as h5:
-        h5["contiguous"] = np.bytes_(jpeg)
-        h5.create_dataset("chunked", data=np.frombuffer(jpeg, np.uint8), chunks=True, compression="gzip")
-        h5.create_dataset("padded", data=np.array(jpeg + b"\0\0\0", dtype=f"S{len(jpeg) + 3}"))
+    path, jpeg = mixed_layouts(tmp_path / "mixed.hdf5")
     crops = locate_crops(path, ["padded", "chunked", "contiguous", "padded"])  # any order, repeats allowed
     assert crops.offsets.dtype == np.int64 and crops.ids.dtype.kind == "S"
     assert crops.offsets[1] == -1 and (crops.offsets[[0, 2, 3]] > 0).all()  # chunked: read through h5py
