@@ -69,8 +69,12 @@ $(KSTAMP): kaggle/image.yaml | $(STAMP)
 	$(KVENV)/bin/pip install --quiet -r $(KVENV)/requirements.txt
 	touch $(KSTAMP)
 
+# Then the training notebook's fast test in the same venv (a 2-second time budget: the notebook imports
+# lesionstack's run from the source dataset, optuna included, and stops cleanly); its kill-and-resume test
+# trains three sessions (marker slow too): KAGGLE_PYTHON=.kaggle-venv/bin/python pytest -m kaggle tests/test_kaggle_train.py
 kaggle-check: setup $(KSTAMP)
-	KAGGLE_PYTHON=$(abspath $(KVENV))/bin/python $(BIN)/pytest -q -m kaggle tests/test_kaggle_check.py
+	KAGGLE_PYTHON=$(abspath $(KVENV))/bin/python $(BIN)/pytest -q -m "kaggle and not slow" \
+	  tests/test_kaggle_check.py tests/test_kaggle_train.py
 
 # ruff, then the import layers and the no-circle rule of pyproject.toml's [tool.importlinter]
 lint: setup

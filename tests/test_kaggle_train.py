@@ -113,7 +113,7 @@ def _attach(previous: Path, kaggle_input: Path) -> None:
     shutil.copytree(previous, target)
 
 
-@pytest.mark.parametrize("kind", [pytest.param("kaggle", marks=pytest.mark.kaggle),
+@pytest.mark.parametrize("kind", [pytest.param("kaggle", marks=[pytest.mark.kaggle, pytest.mark.slow]),
                                   pytest.param("main", marks=pytest.mark.slow)])
 def test_a_killed_session_resumes_to_the_same_artifacts(kind, kaggle_input, tmp_path):
     python = interpreter(kind)
@@ -166,6 +166,26 @@ def test_the_time_budget_stops_the_run_and_the_session_ends_cleanly(kind, kaggle
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "time budget of 0.0 h reached" in result.stdout and "finished:" not in result.stdout
     assert not (tmp_path / "w" / "lesionstack-model").exists()
+
+
+@pytest.mark.kaggle
+def test_the_run_the_notebook_starts_imports_with_the_images_libraries(kaggle_input, tmp_path):
+    """After the notebook's own setup (`use_source`: lesionstack from the source dataset, its simplejpeg wheel
+    installed offline), every stage `lesionstack run` may reach imports with the image's libraries, optuna's
+    tuning included, at the version kaggle/image.yaml records. (The 2-second budget test may stop the run
+    before its imports are done.)"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "VIRTUAL_ENV"))}
+    env.update(LESIONSTACK_INPUT_ROOT=str(kaggle_input), LESIONSTACK_OUTPUT=str(tmp_path), PYTHONNOUSERSITE="1",
+               HF_HUB_OFFLINE="1", PIP_NO_INDEX="1")
+    code = ("import importlib.util as u, sys; spec = u.spec_from_file_location('kaggle_train', sys.argv[1]); "
+            "train = u.module_from_spec(spec); spec.loader.exec_module(train); train.use_source(); "
+            "import optuna, lesionstack, lesionstack.pipeline, lesionstack.tabular.tune, lesionstack.cli; "
+            "print(optuna.__version__, lesionstack.__file__)")
+    result = subprocess.run([str(interpreter("kaggle")), "-c", code, str(REPO / "kaggle" / "train.py")], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    version, where = result.stdout.split()[-2:]
+    assert version == read_image()["packages"]["optuna"] and where.startswith(str(tmp_path / "lesionstack-src"))
 
 
 def test_the_notebooks_metadata_names_the_inputs_it_reads(monkeypatch):
