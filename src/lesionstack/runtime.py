@@ -119,6 +119,8 @@ class RunSettings:
     skip_corrupt: bool = False  # True: log and skip undecodable crops (scored NaN); False: stop naming the id
     tta_hflip: bool = True  # average the logits of the image and its mirror when scoring
     tta_dihedral: bool = False  # also each view's 3 rotations by 90 degrees: all 8 symmetries of the square
+    # cached: a frozen gate's mask is made once per crop and turned with each TTA view (`model_logits`)
+    gate_masks: str = "online"
 
     @classmethod
     def pick(cls, source: Mapping[str, Any] | Any, **overrides: Any) -> RunSettings:
@@ -223,17 +225,27 @@ def make_loader(dataset: Dataset, rt: Runtime, *, sampler: Any, batch_size: int,
 # ---- scoring ------------------------------------------------------------------------------------------
 
 
-def model_logits(model: nn.Module, x: torch.Tensor, rt: Runtime, tta: bool, dihedral: bool = False) -> torch.Tensor:
+def model_logits(model: nn.Module, x: torch.Tensor, rt: Runtime, tta: bool, dihedral: bool = False,
+                 one_mask: bool = False) -> torch.Tensor:
     """float32 logits (B,) of a prepared batch; with `tta` the mean over the image and its mirror, with
-    `dihedral` also over their rotations by 90, 180 and 270 degrees (a lesion has no up or left)."""
-    views = [x, torch.flip(x, dims=[3])] if tta else [x]
-    if dihedral:
-        views = [torch.rot90(v, turns, dims=(2, 3)) for v in views for turns in range(4)]
+    `dihedral` also over their rotations by 90, 180 and 270 degrees (a lesion has no up or left).
+
+    `one_mask` (a frozen gate with `gate_masks: cached`): the segmenter runs once, on `x`, and each view
+    gets that mask mirrored and turned with it, as training augments a mask made once with its crop."""
+    views = _views(x, tta, dihedral)
     with rt.autocast():
-        logits = model(views[0]).float()
-        for view in views[1:]:
-            logits = logits + model(view).float()
+        mask = model.mask(x) if one_mask else None
+        # a plain network (diagnosis, students) takes no mask argument
+        masks = [{}] * len(views) if mask is None else [{"mask": m} for m in _views(mask, tta, dihedral)]
+        logits = model(views[0], **masks[0]).float()
+        for view, kwargs in zip(views[1:], masks[1:], strict=True):
+            logits = logits + model(view, **kwargs).float()
     return logits / len(views)
+
+
+def _views(x: torch.Tensor, tta: bool, dihedral: bool) -> list[torch.Tensor]:
+    views = [x, torch.flip(x, dims=[3])] if tta else [x]
+    return [torch.rot90(v, turns, dims=(2, 3)) for v in views for turns in range(4)] if dihedral else views
 
 
 @torch.no_grad()
@@ -256,7 +268,8 @@ def predict_logits(model: nn.Module, dataset: CropDataset, rt: Runtime, indices:
         check_corrupt(batch, dataset, rt.settings.skip_corrupt)
         if len(batch.index) == 0:
             continue
-        logits = model_logits(model, rt.finish(rt.prepare(batch.images)), rt, tta, dihedral)
+        logits = model_logits(model, rt.finish(rt.prepare(batch.images)), rt, tta, dihedral,
+                              rt.settings.gate_masks == "cached")
         found_idx.append(batch.index.numpy())
         found_logit.append(logits.cpu().numpy())
     return gather_rows(found_idx, found_logit, len(dataset), rt.ctx)

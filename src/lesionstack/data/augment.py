@@ -135,12 +135,22 @@ def augment_batch(images: torch.Tensor, cfg: AugmentConfig, gen: torch.Generator
 
     Borders are filled by reflection, which on a skin crop looks like more skin.
     """
+    return augment_with_masks(images, None, cfg, gen)[0]
+
+
+def augment_with_masks(images: torch.Tensor, masks: torch.Tensor | None, cfg: AugmentConfig,
+                       gen: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`augment_batch` of the images, and the same flips, rotation, zoom and shift of their (B, 1, H, W) masks
+    (colour jitter is the image's alone): a mask made once of the plain crop follows its crop's geometry. The
+    images' augmentation, random draws included, is `augment_batch`'s exactly."""
     if not cfg.enabled:
-        return images
+        return images, masks
     theta = affine_matrices(images.shape[0], cfg, gen).to(images.device, images.dtype)
     grid = F.affine_grid(theta, list(images.shape), align_corners=False)
     images = F.grid_sample(images, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    return colour_jitter(images, cfg, gen)
+    if masks is not None:
+        masks = F.grid_sample(masks, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return colour_jitter(images, cfg, gen), masks
 
 
 def phone_degrade(images: torch.Tensor, cfg: PhoneConfig, gen: torch.Generator | None = None,

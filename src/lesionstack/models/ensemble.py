@@ -29,16 +29,31 @@ class SeedEnsemble(nn.Module):
         the same one; `mask` averages them either way)."""
         return getattr(self.members[0], "segmenter", None)
 
+    def one_segmenter(self) -> bool:
+        """True when every member is gated by the same frozen segmenter (one segmenter file, never trained),
+        so they make the same mask (checked each time: a few ms next to a segmenter pass)."""
+        first = self.members[0]
+        return all(getattr(m, "gate", None) == "freeze" for m in self.members) and \
+            all(_same_weights(first.segmenter, m.segmenter) for m in self.members[1:])
+
     def mask(self, x: torch.Tensor) -> torch.Tensor | None:
         """The members' mean soft lesion mask, or None when they have no segmenter."""
+        if self.one_segmenter():  # the mean of equal masks is that mask, to the bit
+            return self.members[0].mask(x)
         found = [m.mask(x) for m in self.members if getattr(m, "segmenter", None) is not None]
         return torch.stack(found).mean(0) if found else None
 
-    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor:
-        logits = self.members[0](x, aux)
+    def forward(self, x: torch.Tensor, aux: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The mean logit; `mask` (frozen gates only) is each member's mask, made beforehand."""
+        logits = self.members[0](x, aux, mask=mask)
         for member in self.members[1:]:
-            logits = logits + member(x, aux)
+            logits = logits + member(x, aux, mask=mask)
         return logits / len(self.members)
+
+
+def _same_weights(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def ensemble_members(model: nn.Module) -> list[nn.Module]:

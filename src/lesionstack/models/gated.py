@@ -80,14 +80,19 @@ class GatedClassifier(nn.Module):
                 return torch.sigmoid(self.segmenter(x))
         return torch.sigmoid(self.segmenter(x))
 
-    def forward_with_mask(self, x: torch.Tensor, aux: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(logits (B,), mask (B,1,H,W) or None); with `aux` and auxiliary outputs, logits are (B, main + K)."""
-        m = self.mask(x)
+    def forward_with_mask(self, x: torch.Tensor, aux: bool = False,
+                          mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits (B,), mask (B,1,H,W) or None); with `aux` and auxiliary outputs, logits are (B, main + K).
+        `mask`: the frozen segmenter's mask of `x` made beforehand (`gate_masks: cached`), used instead of
+        running the segmenter (a frozen gate only: a training gate must see the gradient)."""
+        if mask is not None and self.gate != "freeze":
+            raise ValueError(f"a mask made beforehand needs gate 'freeze', not {self.gate!r}")
+        m = self.mask(x) if mask is None else mask
         z = x if m is None else torch.cat([x * (0.5 + 0.5 * m), m], dim=1)
         out = self.classifier(z)
         if not self.aux_outputs:
             return out.squeeze(-1), m
         return (out if aux else out[:, : -self.aux_outputs].squeeze(-1)), m
 
-    def forward(self, x: torch.Tensor, aux: bool = False) -> torch.Tensor:
-        return self.forward_with_mask(x, aux)[0]
+    def forward(self, x: torch.Tensor, aux: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_with_mask(x, aux, mask)[0]

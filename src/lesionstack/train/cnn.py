@@ -26,11 +26,11 @@ ranks compute the same pAUC and agree on early stopping), and rank 0 alone write
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
-import multiprocessing
 import os
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,15 @@ from lesionstack.runtime import (
 from lesionstack.train.aux_heads import attach_aux_classes
 from lesionstack.train.cnn_config import CNNConfig, check_weights_files, resolve_untrained_segmenter
 from lesionstack.train.cnn_fold import fold_inputs, guard_ignore, member_config, train_fold
-from lesionstack.train.cnn_pool import _exit_with_parent, _fold_or_name_it, _train_fold_in_process
-from lesionstack.train.cnn_scores import read_scores, scores_inputs, scores_up_to_date, write_scores
+from lesionstack.train.cnn_pool import (
+    _fold_or_name_it,
+    _in_process,
+    _train_fold_in_process,
+    fold_pool,
+    pool_workers,
+    run_in_pool,
+)
+from lesionstack.train.cnn_scores import JobRunner, read_scores, scores_inputs, scores_up_to_date, write_scores
 from lesionstack.train.loop import EpochHook
 from lesionstack.train.pretrain import pretrain_on_archive
 from lesionstack.trained.loaders import cnn_fold_done
@@ -123,7 +130,8 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
         if scores_up_to_date(data, art, record):
             summary.update(read_scores(folds, art))
         else:
-            summary.update(write_scores(data, folds, images, cfg, art, rt, record))
+            runner = score_runner(cfg, rt, len(all_folds))
+            summary.update(write_scores(data, folds, images, cfg, art, rt, record, runner))
     elif ctx.is_main:
         log.info("not all folds done yet; oof_cnn/test_cnn are written when the last fold finishes")
     return summary
@@ -138,21 +146,27 @@ def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg:
     todo_members = [(k, r) for k in todo for r in range(cfg.seeds_per_fold)]
     for k, r in todo_members:  # refuse before any job starts: a pool would train the others meanwhile
         guard(art.cnn_fold(k).member(r), member_config(cfg, r), inputs, ignore=guard_ignore(cfg), write=False)
-    workers = min(cfg.fold_workers, len(todo_members))
-    if workers <= 1 or rt.ctx.active or rt.device.type != "cpu" or on_epoch_end is not None:
+    workers = pool_workers(cfg, rt, len(todo_members))
+    if not workers or on_epoch_end is not None:
         done = {(k, r): _fold_or_name_it(k, folds_path, train_fold, k, folds, images, member_config(cfg, r),
                                          art.cnn_fold(k).member(r), rt, on_epoch_end, inputs=inputs)
                 for k, r in todo_members}
         return {k: done[(k, 0)] for k in todo}
     log.info("training folds %s (%d model(s) each), %d at a time (a process each, %d torch thread(s) each)",
              list(todo), cfg.seeds_per_fold, workers, max(cfg.cpu_threads, 1))
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_exit_with_parent,
-                             initargs=(os.getpid(),)) as pool:
-        jobs = {pool.submit(_fold_or_name_it, k, folds_path, _train_fold_in_process, k, folds, images.path,
-                            member_config(cfg, r), art.cnn_fold(k).member(r), inputs): (k, r)
+    with fold_pool(workers) as pool:
+        jobs = {pool.submit(_in_process, max(cfg.cpu_threads, 1), _fold_or_name_it, k, folds_path,
+                            _train_fold_in_process, k, folds, images.path, member_config(cfg, r),
+                            art.cnn_fold(k).member(r), inputs): (k, r)
                 for k, r in todo_members}
         done = {jobs[job]: job.result() for job in rt.bar(as_completed(jobs), "CNN folds", total=len(jobs))}
     return {k: done[(k, 0)] for k in todo}
+
+
+def score_runner(cfg: CNNConfig, rt: Runtime, n_folds: int) -> JobRunner | None:
+    """Score the folds in `fold_workers` one-thread fold processes, as they trained (None: in this process)."""
+    workers = pool_workers(cfg, rt, n_folds)
+    return functools.partial(run_in_pool, workers=workers, threads=max(cfg.cpu_threads, 1)) if workers else None
 
 
 @dataclass(frozen=True)

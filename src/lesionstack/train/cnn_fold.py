@@ -40,6 +40,7 @@ from lesionstack.runtime import (
 from lesionstack.train.aux_heads import with_aux_loss
 from lesionstack.train.cnn_config import INIT_KEYS, MONITOR_KEYS, PROVENANCE_KEYS, CNNConfig
 from lesionstack.train.ema import WeightEMA
+from lesionstack.train.gate_masks import CachedMasks
 from lesionstack.train.loop import (
     EpochHook,
     FoldState,
@@ -104,6 +105,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
     opt, sched, scaler = make_optimiser(model, cfg.lr, cfg.weight_decay, len(loader), cfg.epochs,
                                         cfg.warmup_epochs, cfg.min_lr_ratio, rt)
     ema = weight_ema(model, cfg, train_ds, fold, rt)
+    masks = CachedMasks.of(model, train_ds, rt) if caches_masks(cfg) else None
     state = resume(files, model, opt, sched, scaler, fold, ema=ema)
     scored = model if ema is None else ema.module  # what validation watches and model.safetensors holds
     net: nn.Module = model
@@ -123,7 +125,7 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
         lr = opt.param_groups[0]["lr"]
         desc = f"fold {fold} epoch {epoch + 1}/{cfg.epochs}"
         train_loss, ips = train_epoch(net, loader, train_ds, opt, sched, scaler, rt, cfg.augment, gen, desc,
-                                      loss_fn, ema)
+                                      loss_fn, ema, masks)
         row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_loss, "val_loss": None,
                                "val_pauc": None, "val_auc": None, "images_per_s": ips, "lr": lr}
         if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
@@ -146,6 +148,11 @@ def train_fold(fold: int, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
 
     run_epochs(state, cfg.epochs, one_epoch, stop, end_epoch)
     return finish_fold(files, state, len(train_ds), len(val_ds), rt.ctx)
+
+
+def caches_masks(cfg: CNNConfig) -> bool:
+    """`gate_masks: cached` with a frozen gate: its masks are made once (`train.gate_masks`)."""
+    return cfg.gate_masks == "cached" and cfg.model.gate == "freeze"
 
 
 def guard_ignore(cfg: CNNConfig) -> tuple[str, ...]:

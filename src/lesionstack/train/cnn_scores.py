@@ -6,11 +6,13 @@ contract `check_oof`) and the test set by every fold model (`test_cnn.parquet`, 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -28,9 +30,12 @@ from lesionstack.resume import changed_inputs, describe, files_digest, frame_dig
 from lesionstack.runtime import Runtime, barrier, predict_logits, sigmoid
 from lesionstack.train.cnn_config import CNNConfig
 from lesionstack.trained.loaders import cnn_fold_members, load_cnn_fold, load_network
-from lesionstack.trained.scorer import FoldScorer
+from lesionstack.trained.scorer import FoldScorer, fold_score_column, fold_table
 
 log = logging.getLogger(__name__)
+
+# [(function, its arguments)] -> [each function's result], in order (`train.cnn_pool.run_in_pool`)
+JobRunner = Callable[[list[tuple[Callable[..., Any], tuple[Any, ...]]]], list[Any]]
 
 
 def scoring_model(cfg: CNNConfig, weights: Path, device: torch.device) -> nn.Module:
@@ -59,22 +64,26 @@ def check_oof(oof: pd.DataFrame, folds: pd.DataFrame) -> None:
 
 
 def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
-                 art: ArtifactPaths, rt: Runtime, inputs: dict[str, str | None]) -> dict[str, Any]:
+                 art: ArtifactPaths, rt: Runtime, inputs: dict[str, str | None],
+                 run_jobs: JobRunner | None = None) -> dict[str, Any]:
     """Score each fold's val rows with its own fold model (OOF) and the test set with every fold model
     (through `trained.scorer.FoldScorer`, as `predict` does: an unreadable test crop is NaN, never a stop); record
-    `inputs` (what they were scored from) last."""
-    parts = []
-    for fold in sorted(folds["fold"].unique()):
-        files = art.cnn_fold(fold)  # its seed ensemble when it has members, as prediction loads it
-        model = rt.place(load_cnn_fold(files, read_config_dict(files.config)))
-        val = folds[folds["fold"] == fold]
-        val_ds = CropDataset(images, val[ID_COLUMN], val["target"], cfg.image_size)
-        scores = sigmoid(predict_logits(model, val_ds, rt, desc=f"OOF fold {fold}"))
-        parts.append(pd.DataFrame({ID_COLUMN: val_ds.ids, "fold": int(fold), "score": scores}))
-    oof = pd.concat(parts, ignore_index=True)
+    `inputs` (what they were scored from) last.
+
+    Each fold's OOF and test scores are one job (`score_fold`), run here one after the other or, by `run_jobs`,
+    in the CPU fold pool's one-thread processes: a crop's score is computed the same way either way (the same
+    batches, one thread), so the files hold the same bits."""
+    all_folds = sorted(int(k) for k in folds["fold"].unique())
+    tids = test_ids(data, H5Images(data.test_images)) if data.test_images.exists() else None
+    quiet = dataclasses.replace(rt.settings, progress=False)  # two processes' bars would overwrite each other
+    job_rt = rt if run_jobs is None else dataclasses.replace(rt, settings=quiet)
+    jobs = [(score_fold, (k, folds, images.path, cfg.image_size, art, job_rt, data.test_images, tids,
+                          cfg.eval_batch_size, cfg.num_workers)) for k in all_folds]
+    done = run_jobs(jobs) if run_jobs is not None else [fn(*args) for fn, args in jobs]
+    oof = pd.concat([part for part, _ in done], ignore_index=True)
     check_oof(oof, folds)
     summary = oof_summary(folds, oof)
-    test = score_test(data, folds, cfg, art, rt) if data.test_images.exists() else None
+    test = None if tids is None else fold_table(tids, np.column_stack([s for _, s in done]), all_folds)
     if rt.ctx.is_main:
         with atomic_path(art.oof_cnn) as tmp:
             oof.to_parquet(tmp, index=False)
@@ -86,15 +95,23 @@ def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CN
     return summary
 
 
-def score_test(data: DataPaths, folds: pd.DataFrame, cfg: CNNConfig, art: ArtifactPaths,
-               rt: Runtime) -> pd.DataFrame:
-    """The test lesions' mean fold-model score and each fold model's, DataFrame[isic_id, score,
-    score_fold_<k>...] (every rank gets all rows): the stacker pairs its fold k with CNN fold k."""
-    tids = test_ids(data, H5Images(data.test_images))
-    predictor = FoldScorer.load(art.root, device=str(rt.device), progress=cfg.progress,
-                               folds=sorted(int(k) for k in folds["fold"].unique()),
-                               batch_size=cfg.eval_batch_size, num_workers=cfg.num_workers, ctx=rt.ctx)
-    return predictor.score_hdf5(data.test_images, ids=tids, per_fold=True)
+def score_fold(fold: int, folds: pd.DataFrame, images: Path, image_size: int, art: ArtifactPaths, rt: Runtime,
+               test_images: Path, tids: list[str] | None, batch_size: int,
+               num_workers: int) -> tuple[pd.DataFrame, np.ndarray | None]:
+    """One fold's scores: its validation rows by its own model (DataFrame[isic_id, fold, score], flip TTA as
+    the settings say) and the test ids `tids` by the same model through `FoldScorer`, as `predict` scores them
+    (None without a test set; under DDP every rank gets all of them)."""
+    files = art.cnn_fold(fold)  # its seed ensemble when it has members, as prediction loads it
+    model = rt.place(load_cnn_fold(files, read_config_dict(files.config)))
+    val = folds[folds["fold"] == fold]
+    val_ds = CropDataset(H5Images(images), val[ID_COLUMN], val["target"], image_size)
+    scores = sigmoid(predict_logits(model, val_ds, rt, desc=f"OOF fold {fold}"))
+    oof = pd.DataFrame({ID_COLUMN: val_ds.ids, "fold": fold, "score": scores})
+    if tids is None:
+        return oof, None
+    scorer = FoldScorer.load(art.root, device=str(rt.device), progress=rt.settings.progress, folds=[fold],
+                             batch_size=batch_size, num_workers=num_workers, ctx=rt.ctx)
+    return oof, scorer.score_hdf5(test_images, ids=tids, per_fold=True)[fold_score_column(fold)].to_numpy()
 
 
 def scores_inputs(data: DataPaths, art: ArtifactPaths, folds: pd.DataFrame, all_folds: Sequence[int],

@@ -32,13 +32,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lesionstack.data.augment import AugmentConfig, augment_batch
+from lesionstack.data.augment import AugmentConfig, augment_batch, augment_with_masks
 from lesionstack.data.dataset import CropDataset, check_corrupt
 from lesionstack.files import atomic_path, write_json, write_text
 from lesionstack.models import param_groups
 from lesionstack.paths import FoldFiles
 from lesionstack.runtime import DistContext, Runtime, adamw, barrier, load_optimiser_state, seed_everything
 from lesionstack.train.ema import WeightEMA
+from lesionstack.train.gate_masks import CachedMasks
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +97,10 @@ def epoch_generator(*seed: int) -> torch.Generator:
 def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler, rt: Runtime,
                 augment: AugmentConfig, gen: torch.Generator, desc: str,
-                loss_fn: LossFn | None = None, ema: WeightEMA | None = None) -> tuple[float, float]:
-    """One pass over the epoch's draw (`ema`: averaged after each step); returns (mean train loss over all
-    ranks, images/s over all ranks)."""
+                loss_fn: LossFn | None = None, ema: WeightEMA | None = None,
+                masks: CachedMasks | None = None) -> tuple[float, float]:
+    """One pass over the epoch's draw (`ema`: averaged after each step; `masks`: the frozen gate's masks made
+    once, warped with their crops); returns (mean train loss over all ranks, images/s over all ranks)."""
     model.train()
     total, count, start = 0.0, 0, time.perf_counter()
     bar = rt.bar(loader, desc)
@@ -109,10 +111,15 @@ def train_epoch(model: nn.Module, loader: DataLoader, dataset: CropDataset, opt:
             usable = rt.all_ranks(usable)  # a collective, so it stays off the default per-step path
         if not usable:
             continue
-        x = rt.finish(augment_batch(rt.prepare(batch.images), augment, gen))
+        x, given = rt.prepare(batch.images), {}
+        if masks is None:
+            x = rt.finish(augment_batch(x, augment, gen))
+        else:  # the same draws as augment_batch: only the mask is new
+            x, given["mask"] = augment_with_masks(x, masks.batch(batch.index, x), augment, gen)
+            x = rt.finish(x)
         y = batch.labels.to(rt.device, non_blocking=True)
         with rt.autocast():
-            logits = model(x, aux=True)  # (B,), or (B, 1 + K) with auxiliary heads (their loss_fn reads them)
+            logits = model(x, aux=True, **given)  # (B,), or (B, 1 + K) with auxiliary heads (loss_fn reads them)
         if loss_fn is None:
             loss = F.binary_cross_entropy_with_logits(logits.float(), y)
         else:

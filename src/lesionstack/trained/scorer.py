@@ -50,12 +50,22 @@ def fold_score_column(fold: int) -> str:
     return f"{FOLD_SCORE_PREFIX}{fold}"
 
 
+def fold_table(ids: Sequence[str], by_fold: np.ndarray, folds: Sequence[int], per_fold: bool = True) -> pd.DataFrame:
+    """DataFrame[isic_id, score(, score_fold_<k>...)] from (n, n_folds) fold-model scores (columns in `folds`
+    order): `score` is their mean, as the stacker's test input and `predict` read it."""
+    table = pd.DataFrame({ID_COLUMN: list(ids), "score": by_fold.mean(axis=1)})
+    if per_fold:
+        table = table.assign(**{fold_score_column(k): by_fold[:, j] for j, k in enumerate(folds)})
+    return table
+
+
 @dataclasses.dataclass
 class _Fold:
     fold: int
     model: GatedClassifier | SeedEnsemble
     tta: bool
     dihedral: bool = False
+    one_mask: bool = False  # the fold trained with gate_masks: cached: one mask per crop for every TTA view
 
 
 
@@ -89,7 +99,8 @@ class FoldScorer:
                                     num_workers=num_workers)
         rt = Runtime.create(settings, device=device, amp=first.get("amp", "auto"), ctx=ctx)
         loaded = [_Fold(k, rt.place(load_cnn_fold(art.cnn_fold(k), cfg)),
-                        bool(cfg.get("tta_hflip", settings.tta_hflip)), bool(cfg.get("tta_dihedral", False)))
+                        bool(cfg.get("tta_hflip", settings.tta_hflip)), bool(cfg.get("tta_dihedral", False)),
+                        cfg.get("gate_masks", "online") == "cached")
                   for k, cfg in configs.items()]
         log.info("predictor: %d CNN fold model(s) from %s on %s", len(loaded), art.root, rt.device)
         return cls(art, loaded, int(first.get("image_size", 0)), rt)
@@ -160,10 +171,7 @@ class FoldScorer:
             found_scores.append(scores)
         by_fold = np.column_stack([gather_rows(found_idx, [s[:, j] for s in found_scores], len(ids), self.rt.ctx)
                                    for j in range(len(self._folds))])
-        table = pd.DataFrame({ID_COLUMN: ids, "score": by_fold.mean(axis=1)})
-        if per_fold:
-            table = table.assign(**{fold_score_column(k): by_fold[:, j] for j, k in enumerate(self.folds)})
-        return table
+        return fold_table(ids, by_fold, self.folds, per_fold)
 
     @torch.no_grad()
     def stream_hdf5(self, path: str | os.PathLike[str],
@@ -204,7 +212,7 @@ class FoldScorer:
     @torch.no_grad()
     def _score_batch(self, x: torch.Tensor) -> np.ndarray:
         """(B, n_folds): each fold model's sigmoid(logit) of one prepared batch (float64, as the OOF scores)."""
-        return np.column_stack([sigmoid(model_logits(f.model, x, self.rt, f.tta, f.dihedral).cpu().numpy()
+        return np.column_stack([sigmoid(model_logits(f.model, x, self.rt, f.tta, f.dihedral, f.one_mask).cpu().numpy()
                                         .astype(np.float64)) for f in self._folds]).reshape(len(x), len(self._folds))
 
 
