@@ -45,9 +45,10 @@ class SeedEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor, aux: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The mean logit; `mask` (frozen gates only) is each member's mask, made beforehand."""
-        logits = self.members[0](x, aux, mask=mask)
+        given = {} if mask is None else {"mask": mask}  # a member of another kind takes no mask argument
+        logits = self.members[0](x, aux, **given)
         for member in self.members[1:]:
-            logits = logits + member(x, aux, mask=mask)
+            logits = logits + member(x, aux, **given)
         return logits / len(self.members)
 
 
