@@ -97,6 +97,26 @@ def test_several_seeds_give_a_paired_t_test(tmp_path):
     assert same["mean_diff"] == 0.0 and same["p_value"] == 1.0 and same["t"] is None
 
 
+
+def test_the_seed_test_covers_the_models_every_pair_has(tmp_path):
+    """A pair whose runs lack the tabular score (a stacker without the fallback variant) beside one that has
+    it: the pairs still compare, and the t-test covers CNN and blend only."""
+    runs_a, runs_b = [], []
+    for s in range(3):
+        truth = _truth(20 + s)
+        runs_a.append(_run(tmp_path / f"a{s}", truth, 2.0, s))
+        runs_b.append(_run(tmp_path / f"b{s}", truth, 0.3, 100 + s))
+    for run in (runs_a[1], runs_b[1]):
+        oof = pd.read_parquet(ArtifactPaths(run).oof_stack)
+        oof.drop(columns="score_tabular").to_parquet(ArtifactPaths(run).oof_stack)
+    result = compare_runs(runs_a, runs_b, n_resamples=50)
+    assert [m["model"] for m in result["pairs"][1]["models"]] == ["cnn", "blend"]
+    assert [t["model"] for t in result["seed_test"]] == ["cnn", "blend"]
+    blend = result["seed_test"][1]
+    diffs = [next(m["diff"] for m in p["models"] if m["model"] == "blend") for p in result["pairs"]]
+    assert blend["n_seeds"] == 3 and blend["mean_diff"] == pytest.approx(np.mean(diffs))
+
+
 def test_cli_prints_the_table_and_writes_json(tmp_path):
     truth = _truth(2)
     a, b = _run(tmp_path / "a", truth, 2.0, 0), _run(tmp_path / "b", truth, 0.5, 1)

@@ -134,11 +134,12 @@ def _resample_counts(y: np.ndarray, codes: np.ndarray, n: int, seed: int) -> lis
 
 
 def seed_tests(pairs: list[list[PairDiff]]) -> list[SeedTest]:
-    """Paired t-test over the pairs (one per CV seed) of each model's pooled OOF pAUC; needs 2+ pairs."""
+    """Paired t-test over the pairs (one per CV seed) of each model's pooled OOF pAUC; needs 2+ pairs. Only
+    the models every pair has are tested (a run without the tabular fallback variant has no tabular score)."""
     from scipy.stats import ttest_rel
 
     out = []
-    for m in [d.model for d in pairs[0]]:
+    for m in [d.model for d in pairs[0] if all(any(e.model == d.model for e in p) for p in pairs)]:
         a = np.array([next(d.pauc_a for d in p if d.model == m) for p in pairs])
         b = np.array([next(d.pauc_b for d in p if d.model == m) for p in pairs])
         diff = b - a
