@@ -8,10 +8,10 @@ square, median about 131 px) repeated under N different isic_ids, then scores it
 small bundle (one fold of timm's `test_resnet` at 32 px, random-init weights: scoring cost does not depend
 on the weights; the fold config's loader settings, `num_workers` 1) through `Predictor.stream_hdf5`,
 writing each batch's rows to a CSV as they come (nothing per crop is kept; the ids are one numpy array of
-bytes, `list_ids`). It prints, per N: the peak RSS
-of the scoring process and of its DataLoader worker, crops/s of decode + resize alone (one core, the first
-20,000 crops) and end to end (read, decode, resize, model, CSV). Peak RSS at the two counts should agree
-within 10%: anything held per crop shows up as the difference.
+bytes, `list_ids`). It prints, per N: the peak RSS of the scoring process and of its DataLoader worker (read
+from /proc while it runs), crops/s of decode + resize alone (one core, the first 20,000 crops, their byte
+ranges found beforehand) and end to end (read, decode, resize, model, CSV). Peak RSS at the two counts
+should agree within 10%: anything held per crop shows up as the difference.
 The table of `predict`'s later steps (the stacker on the test metadata) is not measured here: its table
 grows with the rows by nature.
 """
@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,10 +99,26 @@ def write_bundle(root: Path, classifier: str, image_size: int) -> None:
     files.done.write_text("random-init weights for bench_kernel_memory.py\n")
 
 
-def peak_rss_mb() -> tuple[float, float]:
-    """Peak resident set size (MB) of this process and of its largest finished child (a loader worker)."""
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)
+class WorkerPeaks(threading.Thread):
+    """The peak RSS (VmHWM) of each process this one started (the DataLoader workers), read from /proc every
+    half second while they live. Not RUSAGE_CHILDREN: any short child spawned by vfork (`ldconfig`, run by
+    `ctypes.util.find_library`) reports the *parent's* peak there, which is what that figure showed before."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.peaks: dict[int, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            for children in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+                for pid in children.read_text().split():
+                    try:
+                        status = Path(f"/proc/{pid}/status").read_text()
+                    except OSError:  # it ended meanwhile
+                        continue
+                    kb = int(status.split("VmHWM:")[1].split()[0])
+                    self.peaks[int(pid)] = max(self.peaks.get(int(pid), 0), kb / 1024)
 
 
 def score(work: Path, n: int) -> dict:
@@ -124,14 +142,18 @@ def score(work: Path, n: int) -> dict:
     sample.crops.close()
     del sample
     out = work / f"crops_{n}" / "scores.csv"
-    start, written = time.perf_counter(), 0
+    start, written, workers = time.perf_counter(), 0, WorkerPeaks()
+    workers.start()
     with open(out, "w") as fh:
         fh.write("isic_id,target\n")
         for index, scores in p.stream_hdf5(h5, ids):
             fh.writelines(f"{ids[i].decode()},{s:.8g}\n" for i, s in zip(index, scores.mean(axis=1), strict=True))
             written += len(index)
     seconds = time.perf_counter() - start
-    main, worker = peak_rss_mb()
+    workers.stop.set()
+    workers.join()
+    main = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    worker = max(workers.peaks.values(), default=float("nan"))
     return {"crops": n, "written": written, "decoder": jpeg_decoder(), "num_workers": p.rt.settings.num_workers,
             "batch": p.rt.settings.eval_batch_size, "peak_rss_mb": round(main, 1),
             "peak_worker_rss_mb": round(worker, 1), "decode_resize_crops_per_s": round(decode_rate, 1),
@@ -164,7 +186,7 @@ def main() -> None:
     growth = last["peak_rss_mb"] / first["peak_rss_mb"] - 1
     print(f"peak RSS {first['peak_rss_mb']:.0f} MB at {first['crops']:,} crops, {last['peak_rss_mb']:.0f} MB at "
           f"{last['crops']:,} ({growth:+.1%}); worker {first['peak_worker_rss_mb']:.0f} -> "
-          f"{last['peak_worker_rss_mb']:.0f} MB")
+          f"{last['peak_worker_rss_mb']:.0f} MB ({last['peak_worker_rss_mb'] / first['peak_worker_rss_mb'] - 1:+.1%})")
 
 
 if __name__ == "__main__":

@@ -57,14 +57,15 @@ def release_freed_memory() -> None:
     a 500,000-key file: the key lookups left +54 MB after the file was closed; +15 MB after this, 14 MB of
     which is `CropRanges`'s arrays."""
     import ctypes
-    import ctypes.util
 
     try:  # dlsym on h5py's extension finds the HDF5 library it is linked to
         ctypes.CDLL(h5py.h5.__file__).H5garbage_collect()
     except (OSError, AttributeError, TypeError):
         pass
+    # libc through the process's own symbols: ctypes.util.find_library runs `ldconfig` in a child process,
+    # and such a child (spawned by vfork) reports this process's peak RSS as its own
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError, TypeError):  # not glibc (musl, macOS, Windows): nothing to do
         pass
 
