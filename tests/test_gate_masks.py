@@ -16,12 +16,15 @@ from lesionstack.data.augment import AugmentConfig, PhoneConfig, augment_batch, 
 from lesionstack.data.dataset import CropDataset
 from lesionstack.models import GatedClassifier, SeedEnsemble, build_model
 from lesionstack.paths import ArtifactPaths
-from lesionstack.resume import ResumeError
+from lesionstack.resume import Resume, ResumeError, guard
 from lesionstack.runtime import DistContext, RunSettings, Runtime, model_logits, seed_everything
 from lesionstack.train.cnn import train_cnn
+from lesionstack.train.cnn_config import load_cnn_config
+from lesionstack.train.cnn_fold import guard_ignore
 from lesionstack.train.gate_masks import CachedMasks, quantise
 
 CPU = torch.device("cpu")
+REPO = Path(__file__).resolve().parents[1]
 HALF_STEP = 0.5 / 255 + 1e-6  # a cached mask is the segmenter's to the nearest 1/255
 # every geometric and colour draw is the identity
 IDENTITY = AugmentConfig(hflip=0.0, vflip=0.0, rotate_deg=0.0, scale=(1.0, 1.0), shift=0.0, brightness=0.0,
@@ -148,3 +151,25 @@ def test_cached_masks_need_a_frozen_gate_and_no_phone_degradation() -> None:
     with pytest.raises(ConfigError, match="gate_masks"):
         tiny_cnn_config("freeze", gate_masks="cached", augment=phone)
     assert tiny_cnn_config("none", gate_masks="cached").gate_masks == "cached"  # no mask: nothing to make
+
+
+def test_a_demo_fold_saved_before_gate_masks_resumes_and_a_cached_one_is_refused_by_name(tmp_path: Path) -> None:
+    """Today's configs/cnn/demo.yaml (gate_masks: online) against a finished demo fold folder: one saved by a
+    release without the key (read as the default, online) is skipped, as `lesionstack run` resumes an old
+    demo/artifacts; one trained with cached masks is refused in one line naming gate_masks."""
+    today = load_cnn_config(REPO / "configs" / "cnn" / "demo.yaml")
+    assert today.gate_masks == "online"
+    inputs = {"folds": "f", "train_images": "i"}
+    for name, saved in (("earlier", today), ("cached", dataclasses.replace(today, gate_masks="cached"))):
+        files = ArtifactPaths(tmp_path / name).cnn_fold(0)
+        guard(files, saved, inputs, ignore=guard_ignore(saved))  # START: writes config.yaml and inputs.json
+        if name == "earlier":  # as the earlier release saved it: no such key
+            lines = files.config.read_text().splitlines()
+            files.config.write_text("".join(f"{line}\n" for line in lines if not line.startswith("gate_masks:")))
+        files.done.write_text("best_epoch 16\n")
+    assert "gate_masks" not in ArtifactPaths(tmp_path / "earlier").cnn_fold(0).config.read_text()
+    earlier = ArtifactPaths(tmp_path / "earlier").cnn_fold(0)
+    assert guard(earlier, today, inputs, ignore=guard_ignore(today)) is Resume.SKIP
+    with pytest.raises(ResumeError) as refused:
+        guard(ArtifactPaths(tmp_path / "cached").cnn_fold(0), today, inputs, ignore=guard_ignore(today))
+    assert "gate_masks: saved='cached' now='online'" in str(refused.value) and "\n" not in str(refused.value)
