@@ -81,13 +81,18 @@ class CropDataset(Dataset[Item]):
         return self.item(index, self.load)
 
     def item(self, index: int, load: Callable[[int], np.ndarray]) -> Item:
-        try:
-            array = load(index)
-        except CorruptImageError as err:
-            reason = str(err).split(": ", 1)[-1]  # drop the "image 'X' in file" prefix; re-added later
-            return None, float(self.labels[index]), index, reason
-        image = torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
-        return image, float(self.labels[index]), index, None
+        return decoded_item(index, float(self.labels[index]), load)
+
+
+def decoded_item(index: int, label: float, load: Callable[[int], np.ndarray]) -> Item:
+    """`(image, label, index, error)` of the crop `load(index)` makes, (H, W, 3) uint8 -> (3, H, W) tensor; a
+    `CorruptImageError` gives `image=None` and its reason (the main process decides to stop or skip)."""
+    try:
+        array = load(index)
+    except CorruptImageError as err:
+        reason = str(err).split(": ", 1)[-1]  # drop the "image 'X' in file" prefix; re-added later
+        return None, label, index, reason
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), label, index, None
 
 
 class ScoringCrops(Dataset[Item]):
@@ -103,14 +108,16 @@ class ScoringCrops(Dataset[Item]):
         return len(self.crops)
 
     def __getitem__(self, index: int) -> Item:
+        return decoded_item(index, 0.0, self.load)
+
+    def load(self, index: int) -> np.ndarray:
+        """The crop at `index` as `CropDataset.load` makes it; an I/O error is a `CorruptImageError` too."""
+        where = self.crops.id(index)
         try:
-            array = decode_input(self.crops.read_bytes(index), self.image_size, where=self.crops.id(index),
-                                 path=self.crops.path)
-        except CorruptImageError as err:
-            return None, 0.0, index, str(err).split(": ", 1)[-1]  # the prefix names the crop; re-added later
+            data = self.crops.read_bytes(index)
         except OSError as err:
-            return None, 0.0, index, f"unreadable ({err})"
-        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1))), 0.0, index, None
+            raise CorruptImageError(where, f"unreadable ({err})", self.crops.path) from err
+        return decode_input(data, self.image_size, where=where, path=self.crops.path)
 
 
 class PhoneCropDataset(CropDataset):
