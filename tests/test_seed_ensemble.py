@@ -14,6 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
+import lesionstack.train.cnn as cnn_module
 from helpers import make_cnn_data, tiny_cnn_config
 from lesionstack.config import ConfigError, read_config_dict
 from lesionstack.data.dataset import CropDataset
@@ -65,6 +66,28 @@ def test_each_member_is_the_model_a_one_seed_run_with_its_seed_trains(ensemble: 
             assert all(torch.equal(got[key], want[key]) for key in want), (seed, k)
     first, second = (load_weights(ArtifactPaths(out).cnn_fold(0).member(r).safetensors) for r in (0, 1))
     assert not all(torch.equal(first[key], second[key]) for key in first)  # two seeds, two models
+
+
+def test_scores_made_in_the_fold_pool_as_folds_finish_equal_those_of_one_run(
+        ensemble: tuple[Path, Path, CNNConfig], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fold 0 first; then fold 1's members in the pool, which scores fold 0 (done already) and then fold 1 as
+    each finishes: the files hold the bits of the one run; a rerun with every fold done rescores nothing."""
+    root, out, cfg = ensemble
+    split = tmp_path / "split"
+    train_cnn(root, root / "folds.csv", cfg, split, folds_only=[0])
+    assert not ArtifactPaths(split).oof_cnn.exists()  # fold 1 is missing: nothing to score yet
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise AssertionError("scored after training, not in the fold pool")
+
+    monkeypatch.setattr(cnn_module, "write_scores", refuse)
+    train_cnn(root, root / "folds.csv", cfg, split, folds_only=[1])
+    for name in ("oof_cnn", "test_cnn"):
+        one_run, pooled = (pd.read_parquet(getattr(ArtifactPaths(a), name)) for a in (out, split))
+        assert len(pooled) > 0 and pooled.equals(one_run), name
+    monkeypatch.setattr(cnn_module, "save_scores", refuse)
+    assert train_cnn(root, root / "folds.csv", cfg, split)["oof_pauc"] == train_cnn(root, root / "folds.csv",
+                                                                                     cfg, out)["oof_pauc"]
 
 
 class FixedLogits(torch.nn.Module):

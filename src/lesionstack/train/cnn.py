@@ -29,8 +29,9 @@ import dataclasses
 import functools
 import logging
 import os
+from collections import Counter
 from collections.abc import Sequence
-from concurrent.futures import as_completed
+from concurrent.futures import Future, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +66,16 @@ from lesionstack.train.cnn_pool import (
     pool_workers,
     run_in_pool,
 )
-from lesionstack.train.cnn_scores import JobRunner, read_scores, scores_inputs, scores_up_to_date, write_scores
+from lesionstack.train.cnn_scores import (
+    FoldScores,
+    JobRunner,
+    ScoreJobs,
+    read_scores,
+    save_scores,
+    scores_inputs,
+    scores_up_to_date,
+    write_scores,
+)
 from lesionstack.train.loop import EpochHook
 from lesionstack.train.pretrain import pretrain_on_archive
 from lesionstack.trained.loaders import cnn_fold_done
@@ -121,14 +131,17 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     if cfg.aux_diagnosis is not None:  # each row's diagnosis class travels with it to its fold's loss
         folds, aux_record = attach_aux_classes(folds, data.train_metadata, cfg.aux_diagnosis)
         inputs.update(aux_record)
-    summary: dict[str, Any] = {"folds": train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs,
-                                                    Path(folds_path))}
+    scoring = pool_scoring(data, folds, images, cfg, art, rt, todo, on_epoch_end)
+    trained, scored = train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs, Path(folds_path), scoring)
+    summary: dict[str, Any] = {"folds": trained}
     if ctx.is_main:  # after the folds trained: a failing call changes nothing; serve/score/predict read it
         provenance.record(art.root, data.root, ("cnn",))
     if all(cnn_fold_done(art.cnn_fold(k)) for k in all_folds):
         record = scores_inputs(data, art, folds, all_folds, train_images)
         if scores_up_to_date(data, art, record):
             summary.update(read_scores(folds, art))
+        elif scoring is not None:
+            summary.update(save_scores(folds, art, rt, record, scoring.test_ids, scored))
         else:
             runner = score_runner(cfg, rt, len(all_folds))
             summary.update(write_scores(data, folds, images, cfg, art, rt, record, runner))
@@ -137,12 +150,25 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     return summary
 
 
+def pool_scoring(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
+                 rt: Runtime, todo: Sequence[int], on_epoch_end: EpochHook | None) -> ScoreJobs | None:
+    """The scoring jobs the CPU fold pool runs as each fold finishes training, when this run trains there, and
+    trains every fold not done yet: the scores must be rewritten, and a fold's scoring fills a process that
+    would wait for the last fold (5 folds on 2 processes train as 2 + 2 + 1). None: score after training."""
+    not_done = [k for k in sorted(int(k) for k in folds["fold"].unique()) if not cnn_fold_done(art.cnn_fold(k))]
+    n_jobs = len(todo) * cfg.seeds_per_fold
+    if on_epoch_end is not None or not pool_workers(cfg, rt, n_jobs) or not not_done or set(not_done) - set(todo):
+        return None
+    return ScoreJobs.of(data, folds, images, cfg, art, rt, pooled=True)
+
+
 def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
-                rt: Runtime, on_epoch_end: EpochHook | None, inputs: dict[str, str],
-                folds_path: Path) -> dict[int, dict[str, Any]]:
+                rt: Runtime, on_epoch_end: EpochHook | None, inputs: dict[str, str], folds_path: Path,
+                scoring: ScoreJobs | None = None) -> tuple[dict[int, dict[str, Any]], dict[int, FoldScores]]:
     """`train_fold` for each fold of `todo` and each of its `seeds_per_fold` members: one after the other,
-    or `cfg.fold_workers` at a time in their own processes (CPU, one process, no epoch hook); returns
-    {fold: metrics of its member 0}."""
+    or `cfg.fold_workers` at a time in their own processes (CPU, one process, no epoch hook), where each
+    fold's `scoring` job (`pool_scoring`) runs once the fold is trained; returns ({fold: metrics of its
+    member 0}, {fold: its scores} when `scoring` was given)."""
     todo_members = [(k, r) for k in todo for r in range(cfg.seeds_per_fold)]
     for k, r in todo_members:  # refuse before any job starts: a pool would train the others meanwhile
         guard(art.cnn_fold(k).member(r), member_config(cfg, r), inputs, ignore=guard_ignore(cfg), write=False)
@@ -151,16 +177,42 @@ def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg:
         done = {(k, r): _fold_or_name_it(k, folds_path, train_fold, k, folds, images, member_config(cfg, r),
                                          art.cnn_fold(k).member(r), rt, on_epoch_end, inputs=inputs)
                 for k, r in todo_members}
-        return {k: done[(k, 0)] for k in todo}
+        return {k: done[(k, 0)] for k in todo}, {}
     log.info("training folds %s (%d model(s) each), %d at a time (a process each, %d torch thread(s) each)",
              list(todo), cfg.seeds_per_fold, workers, max(cfg.cpu_threads, 1))
+    done, scored = _train_in_pool(todo_members, folds, images, cfg, art, rt, inputs, folds_path, workers, scoring)
+    return {k: done[(k, 0)] for k in todo}, scored
+
+
+def _train_in_pool(todo_members: list[tuple[int, int]], folds: pd.DataFrame, images: H5Images, cfg: CNNConfig,
+                   art: ArtifactPaths, rt: Runtime, inputs: dict[str, str], folds_path: Path, workers: int,
+                   scoring: ScoreJobs | None) -> tuple[dict[tuple[int, int], dict[str, Any]], dict[int, FoldScores]]:
+    """Every (fold, member) job in `workers` fold processes; each fold's scoring job (first the folds that were
+    done already) joins the queue behind the training jobs as soon as the fold has no member left."""
+    threads = max(cfg.cpu_threads, 1)
     with fold_pool(workers) as pool:
-        jobs = {pool.submit(_in_process, max(cfg.cpu_threads, 1), _fold_or_name_it, k, folds_path,
-                            _train_fold_in_process, k, folds, images.path, member_config(cfg, r),
-                            art.cnn_fold(k).member(r), inputs): (k, r)
+        jobs = {pool.submit(_in_process, threads, _fold_or_name_it, k, folds_path, _train_fold_in_process, k, folds,
+                            images.path, member_config(cfg, r), art.cnn_fold(k).member(r), inputs): (k, r)
                 for k, r in todo_members}
-        done = {jobs[job]: job.result() for job in rt.bar(as_completed(jobs), "CNN folds", total=len(jobs))}
-    return {k: done[(k, 0)] for k in todo}
+        left = Counter(k for k, _ in todo_members)
+        scoring_jobs: dict[Future[FoldScores], int] = {}
+
+        def score(k: int) -> None:
+            if scoring is not None:
+                fn, args = scoring.per_fold[k]
+                scoring_jobs[pool.submit(_in_process, threads, fn, *args)] = k
+
+        for k in scoring.per_fold if scoring is not None else ():
+            if k not in left:
+                score(k)
+        done = {}
+        for job in rt.bar(as_completed(jobs), "CNN folds", total=len(jobs)):
+            k, r = jobs[job]
+            done[(k, r)] = job.result()
+            left[k] -= 1
+            if not left[k]:
+                score(k)
+        return done, {k: job.result() for job, k in scoring_jobs.items()}
 
 
 def score_runner(cfg: CNNConfig, rt: Runtime, n_folds: int) -> JobRunner | None:

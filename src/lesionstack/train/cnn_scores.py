@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -73,17 +74,44 @@ def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CN
     Each fold's OOF and test scores are one job (`score_fold`), run here one after the other or, by `run_jobs`,
     in the CPU fold pool's one-thread processes: a crop's score is computed the same way either way (the same
     batches, one thread), so the files hold the same bits."""
-    all_folds = sorted(int(k) for k in folds["fold"].unique())
-    tids = test_ids(data, H5Images(data.test_images)) if data.test_images.exists() else None
-    quiet = dataclasses.replace(rt.settings, progress=False)  # two processes' bars would overwrite each other
-    job_rt = rt if run_jobs is None else dataclasses.replace(rt, settings=quiet)
-    jobs = [(score_fold, (k, folds, images.path, cfg.image_size, art, job_rt, data.test_images, tids,
-                          cfg.eval_batch_size, cfg.num_workers)) for k in all_folds]
-    done = run_jobs(jobs) if run_jobs is not None else [fn(*args) for fn, args in jobs]
-    oof = pd.concat([part for part, _ in done], ignore_index=True)
+    jobs = ScoreJobs.of(data, folds, images, cfg, art, rt, pooled=run_jobs is not None)
+    listed = list(jobs.per_fold.values())
+    done = run_jobs(listed) if run_jobs is not None else [fn(*args) for fn, args in listed]
+    return save_scores(folds, art, rt, inputs, jobs.test_ids, dict(zip(jobs.per_fold, done)))
+
+
+FoldScores = tuple[pd.DataFrame, "np.ndarray | None"]  # `score_fold`'s result: OOF rows, test scores
+Job = tuple[Callable[..., Any], tuple[Any, ...]]  # (function, its arguments)
+
+
+@dataclass(frozen=True)
+class ScoreJobs:
+    """Each fold's `score_fold` job and the test ids they score (None without a test set)."""
+
+    per_fold: dict[int, Job]
+    test_ids: list[str] | None
+
+    @classmethod
+    def of(cls, data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
+           rt: Runtime, pooled: bool) -> ScoreJobs:
+        """`pooled`: jobs for the CPU fold processes (no progress bars)."""
+        tids = test_ids(data, H5Images(data.test_images)) if data.test_images.exists() else None
+        quiet = dataclasses.replace(rt.settings, progress=False)  # two processes' bars would overwrite each other
+        job_rt = dataclasses.replace(rt, settings=quiet) if pooled else rt
+        return cls({k: (score_fold, (k, folds, images.path, cfg.image_size, art, job_rt, data.test_images, tids,
+                                     cfg.eval_batch_size, cfg.num_workers))
+                    for k in sorted(int(k) for k in folds["fold"].unique())}, tids)
+
+
+def save_scores(folds: pd.DataFrame, art: ArtifactPaths, rt: Runtime, inputs: dict[str, str | None],
+                tids: list[str] | None, done: dict[int, FoldScores]) -> dict[str, Any]:
+    """Check every fold's `score_fold` result against the OOF contract, write oof_cnn and (with test ids
+    `tids`) test_cnn atomically, then `inputs` (what they were scored from) last; the OOF summary."""
+    all_folds = sorted(done)
+    oof = pd.concat([done[k][0] for k in all_folds], ignore_index=True)
     check_oof(oof, folds)
     summary = oof_summary(folds, oof)
-    test = None if tids is None else fold_table(tids, np.column_stack([s for _, s in done]), all_folds)
+    test = None if tids is None else fold_table(tids, np.column_stack([done[k][1] for k in all_folds]), all_folds)
     if rt.ctx.is_main:
         with atomic_path(art.oof_cnn) as tmp:
             oof.to_parquet(tmp, index=False)
