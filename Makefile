@@ -4,6 +4,7 @@
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
+RUNTIME := $(VENV)/.installed-runtime
 STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -25,16 +26,20 @@ browser:
 	  $(SUDO) apt-get update -qq >/dev/null && \
 	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
-$(STAMP): pyproject.toml constraints.txt
+# The venv in two steps: what lesionstack runs on (all the demo needs), then the tools of the tests (`dev`).
+$(RUNTIME): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
+	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e .
 	@$(BIN)/python -c "import torch; print('torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
+	$(BIN)/pip install --quiet --no-compile -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 # The demo data is written once (deterministic by seed); a rerun of `make demo` resumes the pipeline.
-# (the browser is the tests' alone: the demo needs the venv only)
-demo: $(STAMP)
+demo: $(RUNTIME)
 	test -f demo/data/train-metadata.csv || $(BIN)/lesionstack demo-data demo/data --seed 0
 	$(BIN)/lesionstack run demo/data --artifacts demo/artifacts --config configs/run/demo.yaml
 
