@@ -199,10 +199,10 @@ def _train_in_pool(todo_members: list[tuple[int, int]], folds: pd.DataFrame, ima
 
         def score(k: int) -> None:
             if scoring is not None:
-                fn, args = scoring.per_fold[k]
+                fn, args = scoring.job(k)
                 scoring_jobs[pool.submit(_in_process, threads, fn, *args)] = k
 
-        for k in scoring.per_fold if scoring is not None else ():
+        for k in scoring.all_folds if scoring is not None else ():
             if k not in left:
                 score(k)
         done = {}

@@ -71,13 +71,32 @@ def write_scores(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CN
     (through `trained.scorer.FoldScorer`, as `predict` does: an unreadable test crop is NaN, never a stop); record
     `inputs` (what they were scored from) last.
 
-    Each fold's OOF and test scores are one job (`score_fold`), run here one after the other or, by `run_jobs`,
-    in the CPU fold pool's one-thread processes: a crop's score is computed the same way either way (the same
-    batches, one thread), so the files hold the same bits."""
+    By `run_jobs`, each fold's OOF and test scores are one job (`score_fold`) in the CPU fold pool's one-thread
+    processes; here, the folds' OOF rows one after the other and the test crops decoded once for all fold
+    models. A crop's score is computed the same way either way (the same batches, one thread), so the files
+    hold the same bits."""
     jobs = ScoreJobs.of(data, folds, images, cfg, art, rt, pooled=run_jobs is not None)
-    listed = list(jobs.per_fold.values())
-    done = run_jobs(listed) if run_jobs is not None else [fn(*args) for fn, args in listed]
-    return save_scores(folds, art, rt, inputs, jobs.test_ids, dict(zip(jobs.per_fold, done)))
+    if run_jobs is not None:
+        done = dict(zip(jobs.all_folds, run_jobs([jobs.job(k) for k in jobs.all_folds])))
+    else:
+        done = score_in_this_process(jobs)
+    return save_scores(folds, art, rt, inputs, jobs.test_ids, done)
+
+
+def score_in_this_process(jobs: ScoreJobs) -> dict[int, FoldScores]:
+    """Each fold's OOF rows by its `score_fold` job without the test set, then the test ids by every fold
+    model in one pass (`FoldScorer`), so a large test file is decoded once, not once a fold."""
+    oof = {}
+    for k in jobs.all_folds:
+        fn, args = jobs.job(k, with_test=False)
+        oof[k] = fn(*args)[0]
+    if jobs.test_ids is None:
+        return {k: (rows, None) for k, rows in oof.items()}
+    rt = jobs.rt
+    scorer = FoldScorer.load(jobs.art.root, device=str(rt.device), progress=rt.settings.progress, folds=list(oof),
+                             batch_size=jobs.cfg.eval_batch_size, num_workers=jobs.cfg.num_workers, ctx=rt.ctx)
+    test = scorer.score_hdf5(jobs.test_images, ids=jobs.test_ids, per_fold=True)
+    return {k: (rows, test[fold_score_column(k)].to_numpy()) for k, rows in oof.items()}
 
 
 FoldScores = tuple[pd.DataFrame, "np.ndarray | None"]  # `score_fold`'s result: OOF rows, test scores
@@ -86,10 +105,15 @@ Job = tuple[Callable[..., Any], tuple[Any, ...]]  # (function, its arguments)
 
 @dataclass(frozen=True)
 class ScoreJobs:
-    """Each fold's `score_fold` job and the test ids they score (None without a test set)."""
+    """What `score_fold` needs besides the fold, and the folds to score: `job(k)` is fold k's job."""
 
-    per_fold: dict[int, Job]
-    test_ids: list[str] | None
+    folds: pd.DataFrame
+    images: Path
+    cfg: CNNConfig
+    art: ArtifactPaths
+    rt: Runtime
+    test_images: Path
+    test_ids: list[str] | None  # None without a test set
 
     @classmethod
     def of(cls, data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
@@ -98,9 +122,16 @@ class ScoreJobs:
         tids = test_ids(data, H5Images(data.test_images)) if data.test_images.exists() else None
         quiet = dataclasses.replace(rt.settings, progress=False)  # two processes' bars would overwrite each other
         job_rt = dataclasses.replace(rt, settings=quiet) if pooled else rt
-        return cls({k: (score_fold, (k, folds, images.path, cfg.image_size, art, job_rt, data.test_images, tids,
-                                     cfg.eval_batch_size, cfg.num_workers))
-                    for k in sorted(int(k) for k in folds["fold"].unique())}, tids)
+        return cls(folds, images.path, cfg, art, job_rt, data.test_images, tids)
+
+    @property
+    def all_folds(self) -> list[int]:
+        return sorted(int(k) for k in self.folds["fold"].unique())
+
+    def job(self, fold: int, with_test: bool = True) -> Job:
+        """Fold `fold`'s `score_fold` job: its OOF rows, and the test ids unless not `with_test`."""
+        return (score_fold, (fold, self.folds, self.images, self.cfg.image_size, self.art, self.rt, self.test_images,
+                             self.test_ids if with_test else None, self.cfg.eval_batch_size, self.cfg.num_workers))
 
 
 def save_scores(folds: pd.DataFrame, art: ArtifactPaths, rt: Runtime, inputs: dict[str, str | None],
