@@ -92,7 +92,7 @@ def test_several_seeds_give_a_paired_t_test(tmp_path):
     b = [p["models"][2]["pauc_b"] for p in result["pairs"]]
     assert blend["n_seeds"] == 3 and blend["mean_diff"] == pytest.approx(np.mean(np.subtract(b, a)))
     assert blend["p_value"] == pytest.approx(ttest_rel(b, a).pvalue) and blend["p_value"] < 0.05
-    assert "paired t-test over 3 CV seeds" in format_comparison(result)
+    assert "paired t-test over the 3 pairs above" in format_comparison(result)
     same = compare_runs(runs_a[:2], runs_a[:2], n_resamples=50)["seed_test"][0]
     assert same["mean_diff"] == 0.0 and same["p_value"] == 1.0 and same["t"] is None
 

@@ -186,7 +186,8 @@ def format_comparison(result: dict[str, Any]) -> str:
                          f"{d['top15_a']:8.3f} {d['top15_b']:8.3f}")
     if "seed_test" in result:
         n = result["seed_test"][0]["n_seeds"]
-        lines += ["", f"paired t-test over {n} CV seeds (pairs above), pooled OOF pAUC:",
+        lines += ["", f"paired t-test over the {n} pairs above (each a CV seed, stacker seed or data set), "
+                      "pooled OOF pAUC:",
                   f"{'model':<8} {'mean B - A':>10} {'sd':>8} {'t':>7} {'p':>7}"]
         for t in result["seed_test"]:
             stat = "-" if t["t"] is None else f"{t['t']:.2f}"
