@@ -131,7 +131,7 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
     if cfg.aux_diagnosis is not None:  # each row's diagnosis class travels with it to its fold's loss
         folds, aux_record = attach_aux_classes(folds, data.train_metadata, cfg.aux_diagnosis)
         inputs.update(aux_record)
-    scoring = pool_scoring(data, folds, images, cfg, art, rt, todo, on_epoch_end)
+    scoring = pool_scoring(data, folds, images, cfg, art, rt, todo, all_folds, on_epoch_end)
     trained, scored = train_folds(todo, folds, images, cfg, art, rt, on_epoch_end, inputs, Path(folds_path), scoring)
     summary: dict[str, Any] = {"folds": trained}
     if ctx.is_main:  # after the folds trained: a failing call changes nothing; serve/score/predict read it
@@ -151,15 +151,21 @@ def _train_cnn(data_dir: str | os.PathLike[str], folds_path: str | os.PathLike[s
 
 
 def pool_scoring(data: DataPaths, folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
-                 rt: Runtime, todo: Sequence[int], on_epoch_end: EpochHook | None) -> ScoreJobs | None:
+                 rt: Runtime, todo: Sequence[int], all_folds: Sequence[int],
+                 on_epoch_end: EpochHook | None) -> ScoreJobs | None:
     """The scoring jobs the CPU fold pool runs as each fold finishes training, when this run trains there, and
     trains every fold not done yet: the scores must be rewritten, and a fold's scoring fills a process that
     would wait for the last fold (5 folds on 2 processes train as 2 + 2 + 1). None: score after training."""
-    not_done = [k for k in sorted(int(k) for k in folds["fold"].unique()) if not cnn_fold_done(art.cnn_fold(k))]
-    n_jobs = len(todo) * cfg.seeds_per_fold
-    if on_epoch_end is not None or not pool_workers(cfg, rt, n_jobs) or not not_done or set(not_done) - set(todo):
+    not_done = [k for k in all_folds if not cnn_fold_done(art.cnn_fold(k))]
+    if not training_workers(cfg, rt, todo, on_epoch_end) or not not_done or set(not_done) - set(todo):
         return None
     return ScoreJobs.of(data, folds, images, cfg, art, rt, pooled=True)
+
+
+def training_workers(cfg: CNNConfig, rt: Runtime, todo: Sequence[int], on_epoch_end: EpochHook | None) -> int:
+    """The fold processes that train `todo` (each fold's `seeds_per_fold` members): 0 for one after the other
+    in this process (a GPU, torchrun, one worker, or an epoch hook, which must run here)."""
+    return 0 if on_epoch_end is not None else pool_workers(cfg, rt, len(todo) * cfg.seeds_per_fold)
 
 
 def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg: CNNConfig, art: ArtifactPaths,
@@ -172,8 +178,8 @@ def train_folds(todo: Sequence[int], folds: pd.DataFrame, images: H5Images, cfg:
     todo_members = [(k, r) for k in todo for r in range(cfg.seeds_per_fold)]
     for k, r in todo_members:  # refuse before any job starts: a pool would train the others meanwhile
         guard(art.cnn_fold(k).member(r), member_config(cfg, r), inputs, ignore=guard_ignore(cfg), write=False)
-    workers = pool_workers(cfg, rt, len(todo_members))
-    if not workers or on_epoch_end is not None:
+    workers = training_workers(cfg, rt, todo, on_epoch_end)
+    if not workers:
         done = {(k, r): _fold_or_name_it(k, folds_path, train_fold, k, folds, images, member_config(cfg, r),
                                          art.cnn_fold(k).member(r), rt, on_epoch_end, inputs=inputs)
                 for k, r in todo_members}

@@ -35,8 +35,10 @@ from lesionstack.trained.scorer import FoldScorer, fold_score_column, fold_table
 
 log = logging.getLogger(__name__)
 
-# [(function, its arguments)] -> [each function's result], in order (`train.cnn_pool.run_in_pool`)
-JobRunner = Callable[[list[tuple[Callable[..., Any], tuple[Any, ...]]]], list[Any]]
+Job = tuple[Callable[..., Any], tuple[Any, ...]]  # (function, its arguments)
+# [job] -> [each function's result], in order (`train.cnn_pool.run_in_pool`)
+JobRunner = Callable[[list[Job]], list[Any]]
+FoldScores = tuple[pd.DataFrame, "np.ndarray | None"]  # `score_fold`'s result: OOF rows, test scores
 
 
 def scoring_model(cfg: CNNConfig, weights: Path, device: torch.device) -> nn.Module:
@@ -97,10 +99,6 @@ def score_in_this_process(jobs: ScoreJobs) -> dict[int, FoldScores]:
                              batch_size=jobs.cfg.eval_batch_size, num_workers=jobs.cfg.num_workers, ctx=rt.ctx)
     test = scorer.score_hdf5(jobs.test_images, ids=jobs.test_ids, per_fold=True)
     return {k: (rows, test[fold_score_column(k)].to_numpy()) for k, rows in oof.items()}
-
-
-FoldScores = tuple[pd.DataFrame, "np.ndarray | None"]  # `score_fold`'s result: OOF rows, test scores
-Job = tuple[Callable[..., Any], tuple[Any, ...]]  # (function, its arguments)
 
 
 @dataclass(frozen=True)

@@ -193,6 +193,7 @@ class FoldScorer:
                     yield batch.index.numpy(), self._score_batch(self._ready(batch.images))
         finally:
             crops.close()  # the handles this process opened (num_workers 0), also when the caller stops early
+
     # ---- internals ----------------------------------------------------------------------------------
 
     def _need_cnn(self) -> int:
